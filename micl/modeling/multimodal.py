@@ -1,0 +1,164 @@
+"""MultimodalLM: any causal LM (LoRA through PEFT) + one trainable projector per modality.
+
+Frozen encoders are not part of this module: their features are computed once and cached on disk
+(`micl/modeling/feature_cache.py`), so training and generation only see pooled feature tensors. This
+keeps the trained module = LLM + adapters + projectors, which is what DeepSpeed/Accelerate wrap later.
+
+Saved layout (one folder per phase):
+    adapter/                  PEFT adapter (PeftModel.from_pretrained(base_llm, folder/"adapter"))
+    projectors.safetensors    projector weights, keys "<modality>.<param>"
+    micl_model.json           model settings needed to rebuild the wrapper (LLM id, dims, token counts)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import MiclError
+from .projectors import build_projectors
+
+PROJECTORS_FILE = "projectors.safetensors"
+MODEL_CONFIG_FILE = "micl_model.json"
+ADAPTER_DIR = "adapter"
+
+
+class MultimodalLM(nn.Module):
+    def __init__(self, llm, tokenizer, media_dims: dict[str, int], projector_hidden: int | None = None, settings=None):
+        super().__init__()
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.media_dims = dict(media_dims)
+        self.settings = dict(settings or {})
+        llm_dim = llm.get_input_embeddings().embedding_dim
+        self.projectors = build_projectors(self.media_dims, llm_dim, projector_hidden)
+        self.projectors.to(next(llm.parameters()).dtype)
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def with_lora(cls, llm, tokenizer, media_dims, lora_args, projector_hidden=None, settings=None):
+        config = LoraConfig(
+            r=lora_args.r,
+            lora_alpha=lora_args.alpha,
+            lora_dropout=lora_args.dropout,
+            target_modules=list(lora_args.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        for param in llm.parameters():
+            param.requires_grad_(False)
+        peft_llm = get_peft_model(llm, config)
+        return cls(peft_llm, tokenizer, media_dims, projector_hidden, settings)
+
+    # ---- forward --------------------------------------------------------------------------------------
+    def embed(self, input_ids, media_mask, media_features=None, media_rows=None):
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        if not media_features:
+            return embeds
+        pieces = []
+        for modality, features in media_features.items():
+            if modality not in self.projectors:
+                raise MiclError(f"no projector for modality {modality!r}; known: {', '.join(self.projectors)}")
+            projected = self.projectors[modality](features.to(embeds.dtype))
+            pieces.extend(zip(media_rows[modality].tolist(), projected))
+        # masked_scatter fills the placeholders in row-major order, so the media go in by row.
+        pieces.sort(key=lambda item: item[0])
+        media = torch.cat([p for _, p in pieces], dim=0)
+        expected = int(media_mask.sum())
+        if media.shape[0] != expected:
+            raise MiclError(f"batch has {expected} media placeholders but {media.shape[0]} media tokens")
+        return embeds.masked_scatter(media_mask.unsqueeze(-1), media)
+
+    @staticmethod
+    def position_ids(attention_mask):
+        # left padding: positions count real tokens only
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def forward(self, input_ids, attention_mask, media_mask, media_features=None, media_rows=None, labels=None,
+                **unused):
+        inputs_embeds = self.embed(input_ids, media_mask, media_features, media_rows)
+        return self.llm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=self.position_ids(attention_mask),
+            labels=labels,
+        )
+
+    @torch.no_grad()
+    def generate(self, batch, max_new_tokens=24, num_beams=1, repetition_penalty=1.0) -> list[str]:
+        inputs_embeds = self.embed(batch["input_ids"], batch["media_mask"], batch.get("media_features"),
+                                   batch.get("media_rows"))
+        output = self.llm.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            repetition_penalty=repetition_penalty,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+
+    # ---- trainable state -----------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: param.detach().clone() for name, param in self.named_parameters() if param.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = dict(self.named_parameters())
+        missing = [name for name, p in own.items() if p.requires_grad and name not in state]
+        unknown = [name for name in state if name not in own]
+        if missing or unknown:
+            raise MiclError(f"trainable state mismatch: missing {missing[:3]}, unexpected {unknown[:3]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                own[name].copy_(value)
+
+    # ---- save / load ---------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.llm.save_pretrained(folder / ADAPTER_DIR)
+        projectors = {k: v.detach().contiguous().cpu() for k, v in self.projectors.state_dict().items()}
+        tmp = folder / f".{PROJECTORS_FILE}.tmp"
+        save_file(projectors, str(tmp))
+        os.replace(tmp, folder / PROJECTORS_FILE)
+        settings = {"media_dims": self.media_dims, **self.settings}
+        (folder / MODEL_CONFIG_FILE).write_text(json.dumps(settings, indent=2))
+
+    def load_phase(self, folder: str | Path) -> None:
+        """Loads a saved phase (adapter + projectors) into this model, in place."""
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        folder = Path(folder)
+        adapter_weights = load_peft_weights(str(folder / ADAPTER_DIR), device="cpu")
+        set_peft_model_state_dict(self.llm, adapter_weights)
+        self.projectors.load_state_dict(load_file(str(folder / PROJECTORS_FILE)))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, llm=None, tokenizer=None, is_trainable: bool = False):
+        """Rebuilds the wrapper from a saved phase folder; the base LLM is loaded from the saved id
+        unless given."""
+        from .llm import load_llm
+
+        folder = Path(folder)
+        config_file = folder / MODEL_CONFIG_FILE
+        if not config_file.is_file():
+            raise MiclError(f"{config_file}: not found; is {folder} a micl phase folder?")
+        settings = json.loads(config_file.read_text())
+        if llm is None:
+            llm, tokenizer = load_llm(settings["llm"], settings.get("dtype", "float32"),
+                                      settings.get("trust_remote_code", False))
+        peft_llm = PeftModel.from_pretrained(llm, str(folder / ADAPTER_DIR), is_trainable=is_trainable)
+        media_dims = settings.pop("media_dims")
+        model = cls(peft_llm, tokenizer, media_dims, settings.get("projector_hidden"), settings)
+        model.projectors.load_state_dict(load_file(str(folder / PROJECTORS_FILE)))
+        if not is_trainable:
+            model.projectors.requires_grad_(False)
+        return model
