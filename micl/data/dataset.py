@@ -1,0 +1,48 @@
+"""A task's samples + cached media features, rendered into token sequences on the fly.
+
+Training draws a random instruction template per sample and epoch (seeded by run seed, epoch and
+index, so a resumed run renders the same prompts); evaluation uses the one fixed prompt.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch.utils.data import Dataset
+
+from .prompts import render_instruction
+
+
+class EncodedTaskDataset(Dataset):
+    def __init__(self, samples, features, builder, templates, train: bool, seed: int = 0):
+        if len(samples) != len(features):
+            raise ValueError("one feature tensor per sample is required")
+        self.samples = samples
+        self.features = features
+        self.builder = builder
+        self.templates = templates
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
+        instruction = render_instruction(sample, self.templates, train=self.train, rng=rng)
+        features: torch.Tensor | None = self.features[index]
+        tokens = 0 if features is None else features.shape[0]
+        encoded = self.builder.encode(instruction, sample["modality"], tokens, sample["target"] if self.train else None)
+        return {
+            "input_ids": encoded.input_ids,
+            "labels": encoded.labels,
+            "media_mask": encoded.media_mask,
+            "modality": sample["modality"],
+            "features": features,
+        }

@@ -1,0 +1,60 @@
+"""The continual-learning hook interface (Avalanche-plugin style).
+
+The task-order loop and the Trainer call, for every method of a recipe, in this order:
+
+    on_task_start(ctx)                       once, before the step's training
+    augment_batch(batch, ctx) -> batch       every training batch, before the forward pass
+    extra_loss(model, batch, outputs, ctx)   every training batch, added to the cross-entropy
+    on_epoch_end(ctx)                        after every epoch
+    on_task_end(ctx)                         once, after training, before evaluation
+
+`state_dict()` / `load_state_dict()` carry what a method keeps across steps (saved in each phase folder,
+so that a resumed run continues with it). Hooks compose: a recipe may list several methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class StepContext:
+    step: int
+    task: Any  # TaskSpec
+    seen_tasks: list  # TaskSpecs learned before this step
+    model: Any  # MultimodalLM
+    train_dataset: Any
+    run_dir: str
+    epoch: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class ContinualMethod:
+    name = "base"
+    Args = None  # a dataclass of the method's settings (recipe: method_args.<name>.*), or None
+
+    def __init__(self, args=None):
+        self.args = args
+
+    def on_task_start(self, ctx: StepContext) -> None:
+        """Called once before the step's training."""
+
+    def augment_batch(self, batch: dict, ctx: StepContext) -> dict:
+        return batch
+
+    def extra_loss(self, model, batch: dict, outputs, ctx: StepContext):
+        """A loss tensor added to the cross-entropy, or None."""
+        return None
+
+    def on_epoch_end(self, ctx: StepContext) -> None:
+        """Called after every training epoch."""
+
+    def on_task_end(self, ctx: StepContext) -> None:
+        """Called once after the step's training, before evaluation."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what `state_dict` returned."""

@@ -1,0 +1,321 @@
+"""The task-order loop: for each step, train on the step's task, evaluate every task seen so far, save
+the phase and the results matrix; re-running the same command resumes where a killed run stopped.
+
+Run folder:
+    run_config.json                  the recipe as resolved (a rerun must match it)
+    initial_scores.json              scores of the untrained model (baseline of FWT), if enabled
+    step_<k>_<task>/                 one folder per finished step, moved into place atomically:
+        adapter/ projectors.safetensors micl_model.json   the phase (MultimodalLM.from_pretrained)
+        metrics.json predictions.jsonl method_state.pt
+    .checkpoints/step_<k>/checkpoint-N/   within-step Trainer checkpoints (deleted once the step is saved)
+    results.json report.md matrix.png forgetting.png
+A finished step is a step folder with metrics.json; results.json is rebuilt from them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments, set_seed
+
+from ..config import RecipeConfig
+from ..data.collator import MultimodalCollator
+from ..data.dataset import EncodedTaskDataset
+from ..data.orders import resolve_order
+from ..data.prompts import load_templates
+from ..data.tasks import get_task, load_task_split, resolve_media
+from ..errors import ConfigError
+from ..evaluation.continual import continual_metrics
+from ..evaluation.report import write_report
+from ..methods import StepContext, build_methods
+from ..modeling.encoders.registry import build_encoders
+from ..modeling.feature_cache import FeatureCache
+from ..modeling.llm import cache_root, load_llm
+from ..modeling.multimodal import MultimodalLM
+from ..modeling.prompting import PromptBuilder
+from ..utils.io import atomic_write_json
+from .evaluation import evaluate_task
+from .trainer import MiclTrainer
+
+logger = logging.getLogger(__name__)
+
+RUN_IDENTITY_KEYS = ("order", "seed", "method", "method_args", "model", "lora", "data", "train")
+
+
+def step_dir_name(step: int, task: str) -> str:
+    return f"step_{step}_{task}"
+
+
+def _tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class ContinualRun:
+    def __init__(self, config: RecipeConfig, source: str = "recipe"):
+        self.config = config
+        self.source = source
+        self.out = Path(config.output_dir)
+        self.tasks = [get_task(name) for name in resolve_order(config.order)]
+        self.methods = build_methods(config, source)
+        self.data_root = Path(config.data.root)
+        self._model = None
+        self._encoders = None
+        self.feature_cache = FeatureCache(cache_root() / "features")
+        self.templates = load_templates(config.data.templates)
+        self._datasets: dict[tuple[str, str], EncodedTaskDataset] = {}
+
+    # ---- setup --------------------------------------------------------------------------------------
+    def _check_or_write_run_config(self) -> None:
+        resolved = self.config.to_dict()
+        resolved["order"] = [t.name for t in self.tasks]
+        path = self.out / "run_config.json"
+        if path.is_file():
+            previous = json.loads(path.read_text())
+            changed = [k for k in RUN_IDENTITY_KEYS if previous.get(k) != resolved.get(k)]
+            if changed:
+                raise ConfigError(
+                    f"{path}: output_dir already holds a run with different settings ({', '.join(changed)}); "
+                    f"resume it with the same recipe or choose another output_dir"
+                )
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, resolved)
+
+    def _ensure_data(self) -> None:
+        synth = [t.name for t in self.tasks if t.name.startswith("synth_")]
+        if synth:
+            from ..data.synth import generate_synth
+
+            data = self.config.data
+            generate_synth(self.data_root, seed=data.synth_seed, n_train=data.synth_train,
+                           n_val=data.synth_val, n_test=data.synth_test)
+
+    @property
+    def model(self) -> MultimodalLM:
+        if self._model is None:
+            cfg = self.config.model
+            set_seed(self.config.seed)
+            llm, tokenizer = load_llm(cfg.llm, cfg.dtype, cfg.trust_remote_code)
+            media_dims = {m: enc.output_dim for m, enc in self.encoders.items()}
+            settings = {"llm": cfg.llm, "dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code,
+                        "projector_hidden": cfg.projector_hidden, "system_prompt": cfg.system_prompt,
+                        "encoders": {m: e.identity for m, e in self.encoders.items()}}
+            self._model = MultimodalLM.with_lora(llm, tokenizer, media_dims, self.config.lora,
+                                                 cfg.projector_hidden, settings)
+            self.builder = PromptBuilder(tokenizer, cfg.system_prompt)
+        return self._model
+
+    @property
+    def encoders(self):
+        if self._encoders is None:
+            self._encoders = build_encoders(self.config.model)
+        return self._encoders
+
+    def dataset(self, task, split: str) -> EncodedTaskDataset:
+        key = (task.name, split)
+        if key not in self._datasets:
+            data = self.config.data
+            limit = data.max_train_samples if split == "train" else data.max_eval_samples
+            samples = load_task_split(self.data_root, task.name, split, limit)
+            if task.modality == "text":
+                features = [None] * len(samples)
+            else:
+                paths = [str(resolve_media(self.data_root, s)) for s in samples]
+                features = self.feature_cache.features(self.encoders[task.modality], paths,
+                                                       desc=f"encoding {task.name}/{split}")
+            self.model  # builds the prompt builder
+            self._datasets[key] = EncodedTaskDataset(samples, features, self.builder, self.templates,
+                                                     train=split == "train", seed=self.config.seed)
+        return self._datasets[key]
+
+    # ---- steps --------------------------------------------------------------------------------------
+    def finished_steps(self) -> list[dict]:
+        finished = []
+        for step, task in enumerate(self.tasks):
+            metrics_file = self.out / step_dir_name(step, task.name) / "metrics.json"
+            if not metrics_file.is_file():
+                break
+            finished.append(json.loads(metrics_file.read_text()))
+        return finished
+
+    def _evaluate(self, task, desc: str) -> dict:
+        return evaluate_task(self.model, task, self.dataset(task, self.config.data.eval_split), self.config.eval, desc)
+
+    def _initial_scores(self) -> list[float] | None:
+        if not self.config.eval.forward_transfer:
+            return None
+        path = self.out / "initial_scores.json"
+        if path.is_file():
+            return json.loads(path.read_text())["scores"]
+        scores = [self._evaluate(t, f"initial eval {t.name}")["score"] for t in self.tasks]
+        atomic_write_json(path, {"tasks": [t.name for t in self.tasks], "scores": scores})
+        return scores
+
+    def _training_args(self, step: int, dataset) -> TrainingArguments:
+        train = self.config.train
+        steps_per_epoch = math.ceil(len(dataset) / (train.batch_size * train.grad_accum))
+        report = ["tensorboard"] if train.tensorboard and _tensorboard_available() else []
+        return TrainingArguments(
+            output_dir=str(self.out / ".checkpoints" / f"step_{step}"),
+            per_device_train_batch_size=train.batch_size,
+            gradient_accumulation_steps=train.grad_accum,
+            num_train_epochs=train.epochs,
+            learning_rate=train.lr,
+            weight_decay=train.weight_decay,
+            lr_scheduler_type=train.lr_scheduler,
+            warmup_steps=math.ceil(train.warmup_ratio * steps_per_epoch * train.epochs),
+            logging_steps=train.logging_steps,
+            save_strategy="steps",
+            save_steps=train.save_steps,
+            save_total_limit=1,
+            seed=self.config.seed + step,
+            report_to=report,
+            logging_dir=str(self.out / "logs" / f"step_{step}"),
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            bf16=self.config.model.dtype == "bfloat16",
+            fp16=self.config.model.dtype == "float16",
+        )
+
+    def _train_step(self, step: int, task, ctx: StepContext) -> dict:
+        dataset = ctx.train_dataset
+        args = self._training_args(step, dataset)
+        trainer = MiclTrainer(
+            model=self.model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=MultimodalCollator(self.model.tokenizer.pad_token_id),
+            methods=self.methods,
+            ctx=ctx,
+        )
+        checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        resume = str(checkpoints[-1]) if checkpoints else None
+        if resume:
+            logger.info("resuming step %d from %s", step, resume)
+        started = time.time()
+        result = trainer.train(resume_from_checkpoint=resume)
+        tokens = sum(len(dataset[i]["input_ids"]) for i in range(len(dataset))) * self.config.train.epochs
+        return {
+            "train_loss": result.training_loss,
+            "train_runtime_s": time.time() - started,
+            "train_tokens": tokens,
+            "resumed_from": Path(resume).name if resume else None,
+            "log_history": trainer.state.log_history,
+        }
+
+    def _save_phase(self, step: int, task, record: dict, predictions: dict) -> Path:
+        final = self.out / step_dir_name(step, task.name)
+        tmp = self.out / f".{final.name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.model.save_pretrained(tmp)
+        torch.save([m.state_dict() for m in self.methods], tmp / "method_state.pt")
+        with open(tmp / "predictions.jsonl", "w") as handle:
+            for task_name, rows in predictions.items():
+                for row in rows:
+                    handle.write(json.dumps({"task": task_name, **row}) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps(record, indent=2))
+        if final.exists():  # a half-finished earlier attempt: metrics.json is missing there
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return final
+
+    def _restore(self, finished: list[dict]) -> None:
+        last = finished[-1]
+        folder = self.out / step_dir_name(last["step"], last["task"])
+        self.model.load_phase(folder)
+        states = torch.load(folder / "method_state.pt", weights_only=False)
+        for method, state in zip(self.methods, states):
+            method.load_state_dict(state)
+        logger.info("restored %s", folder)
+
+    def write_results(self) -> dict:
+        finished = self.finished_steps()
+        names = [t.name for t in self.tasks]
+        matrix = [row["row"] + [None] * (len(names) - len(row["row"])) for row in finished]
+        initial_file = self.out / "initial_scores.json"
+        initial = json.loads(initial_file.read_text())["scores"] if initial_file.is_file() else None
+        pre_step = [row.get("pre_step_score") for row in finished]
+        results = {
+            "tasks": names,
+            "matrix": matrix,
+            **continual_metrics(matrix, initial_scores=initial, pre_step_scores=pre_step),
+            "initial_scores": initial,
+            "pre_step_scores": pre_step,
+            "steps": [{k: v for k, v in row.items() if k != "log_history"} for row in finished],
+            "complete": len(finished) == len(names),
+            "config": self.config.to_dict(),
+        }
+        atomic_write_json(self.out / "results.json", results)
+        write_report(self.out)
+        return results
+
+    def run(self) -> dict:
+        if self.config.train.num_threads:
+            torch.set_num_threads(self.config.train.num_threads)
+        self._check_or_write_run_config()
+        self._ensure_data()
+        finished = self.finished_steps()
+        if len(finished) == len(self.tasks):
+            print(f"{self.out}: all {len(self.tasks)} steps already finished")
+            return self.write_results()
+        initial = self._initial_scores()
+        if finished:
+            self._restore(finished)
+            print(f"{self.out}: resuming after step {len(finished)}/{len(self.tasks)}")
+        for step in range(len(finished), len(self.tasks)):
+            self._run_step(step, initial)
+        return self.write_results()
+
+    def _run_step(self, step: int, initial) -> None:
+        task = self.tasks[step]
+        started = time.time()
+        pre_step = None
+        if initial is not None:
+            pre_step = initial[step] if step == 0 else self._evaluate(task, f"pre-step eval {task.name}")["score"]
+        ctx = StepContext(step=step, task=task, seen_tasks=self.tasks[:step], model=self.model,
+                          train_dataset=self.dataset(task, "train"), run_dir=str(self.out))
+        for method in self.methods:
+            method.on_task_start(ctx)
+        train_stats = self._train_step(step, task, ctx)
+        for method in self.methods:
+            method.on_task_end(ctx)
+        metrics, predictions = {}, {}
+        for seen in self.tasks[: step + 1]:
+            result = self._evaluate(seen, f"eval {seen.name} after step {step}")
+            predictions[seen.name] = result.pop("predictions")
+            metrics[seen.name] = result
+        record = {
+            "step": step,
+            "task": task.name,
+            "row": [metrics[t.name]["score"] for t in self.tasks[: step + 1]],
+            "metrics": metrics,
+            "pre_step_score": pre_step,
+            **train_stats,
+            "step_runtime_s": time.time() - started,
+        }
+        self._save_phase(step, task, record, predictions)
+        shutil.rmtree(self.out / ".checkpoints" / f"step_{step}", ignore_errors=True)
+        results = self.write_results()
+        scores = " ".join(f"{t.name}={metrics[t.name]['score']:.1f}" for t in self.tasks[: step + 1])
+        average = results.get("average")
+        print(
+            f"[micl] step {step + 1}/{len(self.tasks)} {task.name}: loss {train_stats['train_loss']:.3f} | "
+            f"{scores} | avg {average:.1f} | {record['step_runtime_s']:.0f}s",
+            flush=True,
+        )
+
+
+def train(config: RecipeConfig, source: str = "recipe") -> dict:
+    return ContinualRun(config, source).run()

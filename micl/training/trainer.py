@@ -1,0 +1,70 @@
+"""A transformers.Trainer that calls the continual-learning hooks and checkpoints only what is trained.
+
+Within-step checkpoints (every `train.save_steps` optimizer steps) hold the trainable parameters
+(LoRA + projectors), the optimizer, scheduler and RNG states, so `resume_from_checkpoint` continues a
+killed step exactly; the frozen LLM is never written (538 MB for the embedded default).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback
+
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+class HookCallback(TrainerCallback):
+    """Tells the dataset the epoch (per-epoch random templates) and runs the epoch-end hooks."""
+
+    def __init__(self, methods, ctx, dataset):
+        self.methods = methods
+        self.ctx = ctx
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.ctx.epoch = int(round(state.epoch or 0))
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.ctx.epoch)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        for method in self.methods:
+            method.on_epoch_end(self.ctx)
+
+
+class MiclTrainer(Trainer):
+    def __init__(self, *args, methods=(), ctx=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        # our forward takes no num_items_in_batch: let the Trainer scale the loss for accumulation
+        self.model_accepts_loss_kwargs = False
+        self.methods = list(methods)
+        self.ctx = ctx
+        self.add_callback(HookCallback(self.methods, ctx, self.train_dataset))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        for method in self.methods:
+            inputs = method.augment_batch(inputs, self.ctx)
+        outputs = model(**inputs)
+        loss = outputs.loss
+        for method in self.methods:
+            extra = method.extra_loss(model, inputs, outputs, self.ctx)
+            if extra is not None:
+                loss = loss + extra
+        return (loss, outputs) if return_outputs else loss
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        state = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
+        tmp = os.path.join(output_dir, f".{TRAINABLE_FILE}.tmp")
+        save_file(state, tmp)
+        os.replace(tmp, os.path.join(output_dir, TRAINABLE_FILE))
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        model = model or self.model
+        model = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
+        model.load_trainable_state_dict(load_file(os.path.join(resume_from_checkpoint, TRAINABLE_FILE)))
