@@ -194,10 +194,14 @@ def load_video(path, num_frames: int = 4) -> list[Image.Image]:
         kept, n = _decode_selected(p, set(idx))
         if n == declared:
             return [kept[i] for i in idx]
-        # The container's frame count was wrong (truncated file, edit lists...):
-        # decode again with the real count.
         if n == 0:
             raise MediaError(p, "video has zero decodable frames")
+        # Containers are often off by a frame or two (edit lists, B-frames); far fewer
+        # frames than declared means the data is cut short.
+        if declared - n > max(1, declared // 10):
+            raise MediaError(p, f"truncated or corrupt video: header declares {declared} "
+                                f"frames, decoded {n}")
+        # decode again, sampling over the real count
         idx = _frame_indices(n, num_frames)
         kept, n2 = _decode_selected(p, set(idx))
         if any(i not in kept for i in idx):
