@@ -49,7 +49,7 @@ def tiny_models(tmp_path_factory, embedded_llm_dir) -> dict[str, str]:
     whisper = WhisperModel(WhisperConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                                          decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
                                          num_mel_bins=80, max_source_positions=100, max_target_positions=32,
-                                         vocab_size=100))
+                                         vocab_size=51865))
     whisper.save_pretrained(root / "whisper")
     WhisperFeatureExtractor(feature_size=80).save_pretrained(root / "whisper")
     return {"llm": str(root / "llm"), "vit": str(root / "vit"), "whisper": str(root / "whisper")}
