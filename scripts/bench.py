@@ -1,0 +1,204 @@
+"""Performance benchmark of micl on the embedded default (CPU). Prints a table and writes JSON.
+
+Ratios are measured side by side in one process (absolute times on shared machines are noise):
+  train_throughput   micl training tokens/s; MFU against a float32 matmul measured here
+  step_vs_peft       micl step (projectors + media scatter + LoRA LLM) / plain PEFT LoRA step, same tokens
+  generation         batched generation (KV cache) vs one prompt at a time
+  feature_cache      encoder time on the second epoch (cached) / first epoch
+  e2e_quick, e2e_default   wall time of `micl train` on the quick preset / the default 6-task recipe
+                     (only with --e2e; subprocesses, fresh output folders)
+
+    python scripts/bench.py [--e2e] [--out bench_results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_flops(size: int = 1024, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    seconds = statistics.median(timed(lambda: a @ b, repeats))
+    return 2 * size**3 / seconds
+
+
+def load_default():
+    from micl.config import LoraArgs
+    from micl.modeling.llm import load_llm
+    from micl.modeling.multimodal import MultimodalLM
+    from micl.modeling.prompting import PromptBuilder
+
+    torch.manual_seed(0)
+    llm, tokenizer = load_llm("smollm2-135m-instruct")
+    model = MultimodalLM.with_lora(llm, tokenizer, {"image": 1280}, LoraArgs(dropout=0.0))
+    return model, PromptBuilder(tokenizer, "")
+
+
+def training_batch(model, builder, batch_size: int, length: int, media_tokens: int = 9):
+    from micl.data.collator import MultimodalCollator
+
+    tokenizer = model.tokenizer
+    filler = " ".join(["a red circle on the left and a blue square moving up."] * 40)
+    examples = []
+    for i in range(batch_size):
+        enc = builder.encode(f"describe the image. #{i}", "image", media_tokens, filler)
+        keep = length
+        examples.append({"input_ids": enc.input_ids[:keep], "labels": enc.labels[:keep],
+                         "media_mask": enc.media_mask[:keep], "modality": "image",
+                         "features": torch.randn(media_tokens, 1280)})
+    return MultimodalCollator(tokenizer.pad_token_id)(examples)
+
+
+def bench_steps(model, builder, batch_size=8, length=128, repeats=6) -> dict:
+    batch = training_batch(model, builder, batch_size, length)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    plain = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+
+    def micl_step():
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def peft_step():
+        model.llm(**plain).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    micl_step(), peft_step()  # warm-up
+    micl_times, peft_times = [], []
+    for _ in range(repeats):  # interleaved so machine noise hits both alike
+        micl_times += timed(micl_step, 1)
+        peft_times += timed(peft_step, 1)
+    tokens = int(batch["attention_mask"].sum())
+    micl_s, peft_s = statistics.median(micl_times), statistics.median(peft_times)
+    return {"tokens_per_step": tokens, "micl_step_s": micl_s, "peft_step_s": peft_s,
+            "ratio": micl_s / peft_s, "tokens_per_s": tokens / micl_s}
+
+
+def bench_generation(model, builder, prompts=16, max_new_tokens=16) -> dict:
+    from micl.data.collator import MultimodalCollator
+
+    torch.manual_seed(0)
+    examples = []
+    for i in range(prompts):
+        enc = builder.encode("describe the image.", "image", 9)
+        examples.append({"input_ids": enc.input_ids, "labels": None, "media_mask": enc.media_mask,
+                         "modality": "image", "features": torch.randn(9, 1280)})
+    collate = MultimodalCollator(model.tokenizer.pad_token_id)
+    model.eval()
+    batched_out = []
+    batched = timed(lambda: batched_out.extend(model.generate(collate(examples), max_new_tokens=max_new_tokens)), 1)[0]
+    single_out = []
+    single = timed(lambda: [single_out.extend(model.generate(collate([e]), max_new_tokens=max_new_tokens))
+                            for e in examples], 1)[0]
+    model.train()
+    return {"prompts": prompts, "batched_s": batched, "one_by_one_s": single, "speedup": single / batched,
+            "same_outputs": batched_out == single_out}
+
+
+def bench_feature_cache(n=16) -> dict:
+    from micl.config import ModelArgs
+    from micl.data.synth import generate_synth
+    from micl.modeling.encoders.registry import build_encoders
+    from micl.modeling.feature_cache import FeatureCache
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "synth"
+        generate_synth(root, seed=0, n_train=n, n_val=2, n_test=2, tasks=["synth_image_caption", "synth_audio_qa"])
+        encoders = build_encoders(ModelArgs())
+        rows = {}
+        for task, modality in (("synth_image_caption", "image"), ("synth_audio_qa", "audio")):
+            paths = sorted(str(p) for p in (root / "media" / task / "train").iterdir())
+            encoders[modality].encode([encoders[modality].load(paths[0])])  # load weights outside the timing
+            cache = FeatureCache(Path(tmp) / "cache")
+            first = timed(lambda: cache.features(encoders[modality], paths), 1)[0]
+            second = timed(lambda: cache.features(encoders[modality], paths), 1)[0]
+            rows[modality] = {"items": len(paths), "epoch1_s": first, "epoch2_s": second, "ratio": second / first}
+        return rows
+
+
+def bench_e2e(preset: str) -> dict:
+    overrides = {"quick": ["order=quick"], "default": []}[preset]
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, "-m", "micl", "train", str(REPO / "recipes" / "finetune.yaml"),
+                   f"output_dir={tmp}/run", f"data.root={tmp}/synth", *overrides]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, cwd=REPO)
+        wall = time.perf_counter() - start
+        results = json.loads((Path(tmp) / "run" / "results.json").read_text())
+    return {"wall_s": wall, "average": results["average"], "forgetting": results["forgetting"],
+            "tasks": len(results["tasks"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--e2e", action="store_true", help="also time whole `micl train` runs (minutes)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="bench_results.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    results = {"threads": args.threads, "torch": torch.__version__}
+    model, builder = load_default()
+    n_params = sum(p.numel() for p in model.llm.parameters())
+    peak = matmul_flops()
+    steps = bench_steps(model, builder)
+    results["matmul_gflops"] = peak / 1e9
+    results["step_vs_peft"] = steps
+    # model FLOPs per trained token: 6N (PaLM MFU convention); a frozen base needs ~4N in practice
+    results["train_throughput"] = {"tokens_per_s": steps["tokens_per_s"], "llm_params": n_params,
+                                   "mfu_6n": steps["tokens_per_s"] * 6 * n_params / peak,
+                                   "mfu_4n": steps["tokens_per_s"] * 4 * n_params / peak}
+    results["generation"] = bench_generation(model, builder)
+    results["feature_cache"] = bench_feature_cache()
+    if args.e2e:
+        results["e2e_quick"] = bench_e2e("quick")
+        results["e2e_default"] = bench_e2e("default")
+
+    rows = [
+        ("train tokens/s (batch 8 x 128)", f"{results['train_throughput']['tokens_per_s']:.0f}", ""),
+        ("float32 matmul GFLOP/s", f"{results['matmul_gflops']:.1f}", ""),
+        ("MFU (6N / 4N per token)", f"{results['train_throughput']['mfu_6n']:.2f} / "
+                                    f"{results['train_throughput']['mfu_4n']:.2f}", ""),
+        ("micl step / PEFT LoRA step", f"{steps['ratio']:.3f}", "<= 1.15"),
+        ("batched vs one-by-one generation", f"{results['generation']['speedup']:.1f}x", ">= 4x"),
+    ]
+    for modality, row in results["feature_cache"].items():
+        rows.append((f"{modality} encoder time epoch 2 / epoch 1", f"{row['ratio']:.4f}", "~0"))
+    for preset, target in (("quick", "<= 180 s"), ("default", "<= 900 s")):
+        if f"e2e_{preset}" in results:
+            rows.append((f"wall time, {preset} recipe", f"{results[f'e2e_{preset}']['wall_s']:.0f} s", target))
+    width = max(len(r[0]) for r in rows)
+    print(f"\n| {'measure'.ljust(width)} | value | target |\n|{'-' * (width + 2)}|-------|--------|")
+    for name, value, target in rows:
+        print(f"| {name.ljust(width)} | {value} | {target} |")
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\nJSON: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
