@@ -36,7 +36,8 @@ def evaluate_task(model, task, dataset, eval_args, desc: str | None = None) -> d
     """Returns {"score": main metric, <all metrics>, "predictions": [{id, prediction, references}]}."""
     predictions = generate_predictions(model, dataset, eval_args, desc or f"eval {task.name}")
     references = [sample["references"] for sample in dataset.samples]
-    metrics = score_task(task.task_type, predictions, references, metric=task.metric)
+    metric = None if task.metric == "caption" else task.metric  # captioning: CIDEr is the main score
+    metrics = score_task(task.task_type, predictions, references, metric=metric)
     metrics["predictions"] = [
         {"id": s["id"], "prediction": p, "references": s["references"]}
         for s, p in zip(dataset.samples, predictions)

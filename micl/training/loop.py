@@ -61,6 +61,11 @@ def _tensorboard_available() -> bool:
     return True
 
 
+def _checkpoint_complete(folder: Path) -> bool:
+    """A process killed while the Trainer writes a checkpoint leaves it partial: resume from an older one."""
+    return all((folder / name).is_file() for name in ("trainable.safetensors", "optimizer.pt", "trainer_state.json"))
+
+
 class ContinualRun:
     def __init__(self, config: RecipeConfig, source: str = "recipe"):
         self.config = config
@@ -165,7 +170,6 @@ class ContinualRun:
     def _training_args(self, step: int, dataset) -> TrainingArguments:
         train = self.config.train
         steps_per_epoch = math.ceil(len(dataset) / (train.batch_size * train.grad_accum))
-        report = ["tensorboard"] if train.tensorboard and _tensorboard_available() else []
         return TrainingArguments(
             output_dir=str(self.out / ".checkpoints" / f"step_{step}"),
             per_device_train_batch_size=train.batch_size,
@@ -180,13 +184,22 @@ class ContinualRun:
             save_steps=train.save_steps,
             save_total_limit=1,
             seed=self.config.seed + step,
-            report_to=report,
-            logging_dir=str(self.out / "logs" / f"step_{step}"),
+            report_to=[],
             remove_unused_columns=False,
             dataloader_num_workers=0,
             bf16=self.config.model.dtype == "bfloat16",
             fp16=self.config.model.dtype == "float16",
         )
+
+    def _tensorboard(self, step: int) -> list:
+        """TensorBoard logs in <output_dir>/logs/step_<k> (the Trainer's default folder is the checkpoint
+        folder, which is deleted once the step is saved)."""
+        if not (self.config.train.tensorboard and _tensorboard_available()):
+            return []
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        return [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(self.out / "logs" / f"step_{step}")))]
 
     def _train_step(self, step: int, task, ctx: StepContext) -> dict:
         dataset = ctx.train_dataset
@@ -198,8 +211,10 @@ class ContinualRun:
             data_collator=MultimodalCollator(self.model.tokenizer.pad_token_id),
             methods=self.methods,
             ctx=ctx,
+            callbacks=self._tensorboard(step),
         )
-        checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        checkpoints = sorted((p for p in Path(args.output_dir).glob("checkpoint-*") if _checkpoint_complete(p)),
+                             key=lambda p: int(p.name.split("-")[1]))
         resume = str(checkpoints[-1]) if checkpoints else None
         if resume:
             logger.info("resuming step %d from %s", step, resume)
