@@ -50,15 +50,14 @@ class FeatureCache:
         missing = sorted({i for i, e in enumerate(entries) if not e.is_file()}, key=lambda i: paths[i])
         todo = list(dict.fromkeys(paths[i] for i in missing))
         if todo:
-            bar = tqdm(total=len(todo), desc=desc or f"encoding {encoder.modality}", unit="item", leave=False)
-            for start in range(0, len(todo), encoder.batch_size):
-                chunk = todo[start:start + encoder.batch_size]
-                tensors = encoder.encode([encoder.load(p) for p in chunk])
-                for path, tensor in zip(chunk, tensors):
-                    self._store(self._entry(encoder, path), tensor)
-                self.encoded += len(chunk)
-                bar.update(len(chunk))
-            bar.close()
+            with tqdm(total=len(todo), desc=desc or f"encoding {encoder.modality}", unit="item", leave=False) as bar:
+                for start in range(0, len(todo), encoder.batch_size):
+                    chunk = todo[start:start + encoder.batch_size]
+                    tensors = encoder.encode([encoder.load(p) for p in chunk])
+                    for path, tensor in zip(chunk, tensors):
+                        self._store(self._entry(encoder, path), tensor)
+                    self.encoded += len(chunk)
+                    bar.update(len(chunk))
         self.hits += len(paths) - len(todo)
         return [load_file(str(e))["features"] for e in entries]
 

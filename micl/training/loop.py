@@ -221,8 +221,10 @@ class ContinualRun:
         started = time.time()
         result = trainer.train(resume_from_checkpoint=resume)
         tokens = sum(len(dataset[i]["input_ids"]) for i in range(len(dataset))) * self.config.train.epochs
+        # mean of the logged losses: the Trainer's own training_loss only covers the part after a resume
+        logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         return {
-            "train_loss": result.training_loss,
+            "train_loss": sum(logged) / len(logged) if logged else result.training_loss,
             "train_runtime_s": time.time() - started,
             "train_tokens": tokens,
             "resumed_from": Path(resume).name if resume else None,

@@ -1,0 +1,199 @@
+"""Continual-learning metrics from a results matrix (Lopez-Paz & Ranzato 2017; Chaudhry et al. 2018).
+
+``R[i][j]`` is the score of task ``j`` after training step ``i`` (task ``i`` is learned at step
+``i``); ``None`` where task ``j`` was not evaluated (``j > i``: not seen yet). With ``T`` rows (steps
+done so far; a run still in progress has fewer rows than tasks):
+
+* average             = mean_{j<T} R[T-1][j]                       (last row, seen tasks)
+* average_incremental = mean_{i<T} ( mean_{j<=i} R[i][j] )          (average after every step)
+* forgetting_j        = max_{j<=l<T-1} R[l][j] - R[T-1][j]    for j < T-1; forgetting = mean_j
+* bwt                 = mean_{j<T-1} ( R[T-1][j] - R[j][j] )
+* fwt                 = mean_{0<j<T} ( a_j - b_j ), a_j = score of task j just before step j
+                        (``pre_step_scores[j]``, else ``R[j-1][j]``) and b_j = score of the initial
+                        model on task j (``initial_scores[j]``). ``None`` unless both are known for
+                        at least one j: unseen tasks are normally not evaluated.
+
+``None`` entries are skipped in every mean; a metric with nothing to average is ``None``.
+Scores keep the matrix's scale (0-100 in micl), so forgetting/BWT/FWT are in points.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Sequence
+
+__all__ = [
+    "average",
+    "average_incremental",
+    "backward_transfer",
+    "continual_metrics",
+    "forgetting",
+    "forgetting_per_task",
+    "forward_transfer",
+    "forward_transfer_per_task",
+    "grouped_metrics",
+    "normalize_matrix",
+]
+
+Cell = float | None
+
+
+def _cell(v, where: str) -> Cell:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, Real):
+        raise ValueError(f"{where}: expected a number or None, got {v!r}")
+    v = float(v)
+    return None if math.isnan(v) else v
+
+
+def normalize_matrix(matrix: Sequence[Sequence[Cell]], num_tasks: int | None = None) -> list[list[Cell]]:
+    """Square-up a results matrix: rows padded with None to the widest row (or ``num_tasks``),
+    NaN -> None, trailing all-None rows (a step whose evaluation has not run yet) dropped."""
+    if matrix is None or isinstance(matrix, (str, bytes)):
+        raise ValueError("results matrix must be a list of rows")
+    rows = []
+    for i, row in enumerate(matrix):
+        if row is None or isinstance(row, (str, bytes)):
+            raise ValueError(f"results matrix row {i} must be a list")
+        rows.append([_cell(v, f"matrix[{i}][{j}]") for j, v in enumerate(row)])
+    while rows and all(v is None for v in rows[-1]):
+        rows.pop()
+    width = max(max((len(r) for r in rows), default=0), num_tasks or 0)
+    return [r + [None] * (width - len(r)) for r in rows]
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _opt(scores: Sequence[Cell] | None, j: int, name: str) -> Cell:
+    if scores is None or j >= len(scores):
+        return None
+    return _cell(scores[j], f"{name}[{j}]")
+
+
+def average(matrix: Sequence[Sequence[Cell]]) -> float | None:
+    """Mean of the last row over the tasks seen so far."""
+    R = normalize_matrix(matrix)
+    if not R:
+        return None
+    T = len(R)
+    return _mean(R[T - 1][:T])
+
+
+def average_incremental(matrix: Sequence[Sequence[Cell]]) -> float | None:
+    """Mean over steps of each row's mean over the tasks seen at that step."""
+    R = normalize_matrix(matrix)
+    return _mean(_mean(R[i][: i + 1]) for i in range(len(R)))
+
+
+def forgetting_per_task(matrix: Sequence[Sequence[Cell]]) -> list[float | None]:
+    """``max_{j<=l<T-1} R[l][j] - R[T-1][j]`` for each task j < T-1; ``None`` elsewhere."""
+    R = normalize_matrix(matrix)
+    T = len(R)
+    width = len(R[0]) if R else 0
+    out: list[float | None] = [None] * width
+    for j in range(min(T - 1, width)):
+        last = R[T - 1][j]
+        past = [R[l][j] for l in range(j, T - 1) if R[l][j] is not None]
+        if last is not None and past:
+            out[j] = max(past) - last
+    return out
+
+
+def forgetting(matrix: Sequence[Sequence[Cell]]) -> float | None:
+    """Mean forgetting over the tasks learned before the last step."""
+    return _mean(forgetting_per_task(matrix))
+
+
+def backward_transfer(matrix: Sequence[Sequence[Cell]]) -> float | None:
+    """BWT: mean over j < T-1 of ``R[T-1][j] - R[j][j]`` (negative = forgetting)."""
+    R = normalize_matrix(matrix)
+    T = len(R)
+    diffs = []
+    for j in range(min(T - 1, len(R[0]) if R else 0)):
+        if R[T - 1][j] is not None and R[j][j] is not None:
+            diffs.append(R[T - 1][j] - R[j][j])
+    return _mean(diffs)
+
+
+def forward_transfer_per_task(
+    matrix: Sequence[Sequence[Cell]],
+    initial_scores: Sequence[Cell] | None = None,
+    pre_step_scores: Sequence[Cell] | None = None,
+) -> list[float | None]:
+    """``a_j - b_j`` for each seen task 0 < j < T (see module docstring); ``None`` elsewhere."""
+    R = normalize_matrix(matrix)
+    T = len(R)
+    width = max(len(R[0]) if R else 0, len(initial_scores or ()), len(pre_step_scores or ()))
+    out: list[float | None] = [None] * width
+    for j in range(1, min(T, width)):
+        a = _opt(pre_step_scores, j, "pre_step_scores")
+        if a is None and j < len(R[j - 1]):
+            a = R[j - 1][j]
+        b = _opt(initial_scores, j, "initial_scores")
+        if a is not None and b is not None:
+            out[j] = a - b
+    return out
+
+
+def forward_transfer(
+    matrix: Sequence[Sequence[Cell]],
+    initial_scores: Sequence[Cell] | None = None,
+    pre_step_scores: Sequence[Cell] | None = None,
+) -> float | None:
+    """FWT (Lopez-Paz & Ranzato 2017, with the initial model as baseline, as Avalanche does)."""
+    return _mean(forward_transfer_per_task(matrix, initial_scores, pre_step_scores))
+
+
+def continual_metrics(
+    matrix: Sequence[Sequence[Cell]],
+    initial_scores: Sequence[Cell] | None = None,
+    pre_step_scores: Sequence[Cell] | None = None,
+    num_tasks: int | None = None,
+) -> dict:
+    """Every metric above in one dict, plus ``num_steps``, ``num_tasks`` and ``complete`` (all
+    tasks learned and evaluated). ``num_tasks``: length of the task order, when the matrix rows
+    are not padded to it."""
+    R = normalize_matrix(matrix, num_tasks)
+    T = len(R)
+    width = len(R[0]) if R else 0
+    return {
+        "num_steps": T,
+        "num_tasks": width,
+        "complete": T > 0 and T >= width and all(v is not None for v in R[T - 1][:T]),
+        "average": average(R),
+        "average_incremental": average_incremental(R),
+        "forgetting": forgetting(R),
+        "forgetting_per_task": forgetting_per_task(R),
+        "bwt": backward_transfer(R),
+        "fwt": forward_transfer(R, initial_scores, pre_step_scores),
+        "fwt_per_task": forward_transfer_per_task(R, initial_scores, pre_step_scores),
+    }
+
+
+def grouped_metrics(matrix: Sequence[Sequence[Cell]], groups: Sequence[str | None]) -> dict[str, dict]:
+    """Average, forgetting and BWT restricted to the tasks of each group (``groups[j]`` is task j's
+    group, e.g. its metric name: papers report average CIDEr and average accuracy apart).
+
+    The per-task terms are the same as above; only the means are taken per group."""
+    R = normalize_matrix(matrix, len(groups))
+    T = len(R)
+    fg = forgetting_per_task(R)
+    out: dict[str, dict] = {}
+    for g in dict.fromkeys(x for x in groups if x is not None):
+        cols = [j for j, x in enumerate(groups) if x == g]
+        seen = [j for j in cols if j < T]
+        bwt = [R[T - 1][j] - R[j][j] for j in seen if j < T - 1
+               and R[T - 1][j] is not None and R[j][j] is not None]
+        out[g] = {
+            "tasks": len(cols),
+            "seen": len(seen),
+            "average": _mean(R[T - 1][j] for j in seen) if T else None,
+            "forgetting": _mean(fg[j] for j in cols),
+            "bwt": _mean(bwt),
+        }
+    return out
