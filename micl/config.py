@@ -60,7 +60,10 @@ class TrainArgs:
     epochs: int = 3
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 3e-4
+    lr: float = field(default=3e-4, metadata={"help": "learning rate of the LoRA weights"})
+    projector_lr: float | None = field(
+        default=1e-3, metadata={"help": "learning rate of the projectors (trained from scratch); null = lr"}
+    )
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     lr_scheduler: str = "cosine"
@@ -230,6 +233,8 @@ def validate(config: RecipeConfig, source: str) -> None:
         ("train.batch_size", config.train.batch_size >= 1, "an integer >= 1"),
         ("train.grad_accum", config.train.grad_accum >= 1, "an integer >= 1"),
         ("train.lr", config.train.lr > 0, "a positive number"),
+        ("train.projector_lr", config.train.projector_lr is None or config.train.projector_lr > 0,
+         "null or a positive number"),
         ("train.save_steps", config.train.save_steps >= 1, "an integer >= 1"),
         ("eval.batch_size", config.eval.batch_size >= 1, "an integer >= 1"),
         ("eval.max_new_tokens", config.eval.max_new_tokens >= 1, "an integer >= 1"),

@@ -187,6 +187,7 @@ class ContinualRun:
             report_to=[],
             remove_unused_columns=False,
             dataloader_num_workers=0,
+            dataloader_pin_memory=False,
             bf16=self.config.model.dtype == "bfloat16",
             fp16=self.config.model.dtype == "float16",
         )
@@ -212,6 +213,7 @@ class ContinualRun:
             methods=self.methods,
             ctx=ctx,
             callbacks=self._tensorboard(step),
+            projector_lr=self.config.train.projector_lr,
         )
         checkpoints = sorted((p for p in Path(args.output_dir).glob("checkpoint-*") if _checkpoint_complete(p)),
                              key=lambda p: int(p.name.split("-")[1]))

@@ -35,13 +35,29 @@ class HookCallback(TrainerCallback):
 
 
 class MiclTrainer(Trainer):
-    def __init__(self, *args, methods=(), ctx=None, **kwargs):
+    def __init__(self, *args, methods=(), ctx=None, projector_lr=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.projector_lr = projector_lr
         # our forward takes no num_items_in_batch: let the Trainer scale the loss for accumulation
         self.model_accepts_loss_kwargs = False
         self.methods = list(methods)
         self.ctx = ctx
         self.add_callback(HookCallback(self.methods, ctx, self.train_dataset))
+
+    def create_optimizer(self, model=None):
+        """AdamW with the projectors in their own group: they start from scratch and learn faster at a
+        higher rate than the LoRA weights (as LLaVA-style projector training does)."""
+        if self.optimizer is None and self.projector_lr is not None:
+            decay = self.args.weight_decay
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            groups = [
+                {"params": [p for n, p in named if not n.startswith("projectors.")], "weight_decay": decay},
+                {"params": [p for n, p in named if n.startswith("projectors.")], "weight_decay": decay,
+                 "lr": self.projector_lr},
+            ]
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
+        return super().create_optimizer()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         for method in self.methods:
