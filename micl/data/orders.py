@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from micl.data.prompts import find_resource
 from micl.data.tasks import list_tasks
 from micl.errors import ConfigError
+from micl.utils.io import read_yaml_mapping
 
 
 def default_orders_path() -> Path:
@@ -19,15 +18,7 @@ def load_orders(path=None) -> dict[str, list[str]]:
     """``{name: [task, ...]}`` from the orders file (default: the repository's
     ``eval/orders.yaml``, else the packaged copy)."""
     p = Path(path) if path is not None else default_orders_path()
-    if not p.is_file():
-        raise ConfigError(f"{p}: orders file not found")
-    try:
-        with open(p, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML ({e})") from None
-    if not isinstance(data, dict) or not data:
-        raise ConfigError(f"{p}: expected a mapping order name -> list of task names")
+    data = read_yaml_mapping(p, "a mapping order name -> list of task names")
     out = {}
     for name, tasks in data.items():
         if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):

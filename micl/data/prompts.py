@@ -11,10 +11,10 @@ import random
 import string
 from pathlib import Path
 
-import yaml
 
 from micl.data.schema import MODALITIES, TASK_TYPES
 from micl.errors import ConfigError, DataError
+from micl.utils.io import read_yaml_mapping
 
 _PKG_RESOURCES = Path(__file__).resolve().parents[1] / "resources"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -71,16 +71,7 @@ def load_templates(path=None) -> dict:
     """
     p = Path(path) if path is not None else default_templates_path()
     src = str(p)
-    if not p.is_file():
-        raise ConfigError(f"{src}: template file not found")
-    try:
-        with open(p, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{src}: invalid YAML ({e})") from None
-    if not isinstance(data, dict) or not data:
-        raise ConfigError(f"{src}: expected a mapping task_type -> modality -> "
-                          f"{{eval, train}}")
+    data = read_yaml_mapping(p, "a mapping task_type -> modality -> {eval, train}")
     out: dict = {}
     for tt, by_mod in data.items():
         if tt not in TASK_TYPES:

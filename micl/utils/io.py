@@ -74,3 +74,21 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
     """Write ``obj`` as JSON (UTF-8, trailing newline) to ``path`` atomically."""
     text = json.dumps(obj, indent=indent, ensure_ascii=False, default=json_default)
     return atomic_write_text(path, text + "\n")
+
+
+def read_yaml_mapping(path: str | os.PathLike, expected: str) -> dict:
+    """A non-empty YAML mapping from `path`; ConfigError naming the file and `expected` otherwise."""
+    import yaml
+
+    from ..errors import ConfigError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: file not found (expected {expected})")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML ({e})") from None
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{p}: expected {expected}")
+    return data
