@@ -11,7 +11,6 @@ import random
 import string
 from pathlib import Path
 
-
 from micl.data.schema import MODALITIES, TASK_TYPES
 from micl.errors import ConfigError, DataError
 from micl.utils.io import read_yaml_mapping
