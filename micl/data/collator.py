@@ -33,6 +33,8 @@ class MultimodalCollator:
             "labels": torch.tensor(labels, dtype=torch.long),
             "media_mask": torch.tensor(media_mask, dtype=torch.bool),
         }
+        if all("index" in e for e in examples):
+            batch["sample_index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
         if grouped:
             batch["media_features"] = {m: torch.stack(f) for m, f in grouped.items()}
             batch["media_rows"] = {m: torch.tensor(r, dtype=torch.long) for m, r in rows.items()}

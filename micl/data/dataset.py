@@ -45,4 +45,5 @@ class EncodedTaskDataset(Dataset):
             "media_mask": encoded.media_mask,
             "modality": sample["modality"],
             "features": features,
+            "index": index,
         }

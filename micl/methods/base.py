@@ -26,7 +26,10 @@ class StepContext:
     model: Any  # MultimodalLM
     train_dataset: Any
     run_dir: str
+    seed: int = 0
     epoch: int = 0
+    dataset_fn: Any = None  # dataset_fn(task_spec, split) -> EncodedTaskDataset (features cached)
+    collate_fn: Any = None  # list of dataset items -> model batch
     extra: dict = field(default_factory=dict)
 
 

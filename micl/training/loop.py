@@ -304,7 +304,8 @@ class ContinualRun:
         if initial is not None:
             pre_step = initial[step] if step == 0 else self._evaluate(task, f"pre-step eval {task.name}")["score"]
         ctx = StepContext(step=step, task=task, seen_tasks=self.tasks[:step], model=self.model,
-                          train_dataset=self.dataset(task, "train"), run_dir=str(self.out))
+                          train_dataset=self.dataset(task, "train"), run_dir=str(self.out), seed=self.config.seed,
+                          dataset_fn=self.dataset, collate_fn=MultimodalCollator(self.model.tokenizer.pad_token_id))
         for method in self.methods:
             method.on_task_start(ctx)
         train_stats = self._train_step(step, task, ctx)

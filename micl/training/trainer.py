@@ -14,6 +14,12 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 
 TRAINABLE_FILE = "trainable.safetensors"
+MODEL_INPUTS = ("input_ids", "attention_mask", "media_mask", "media_features", "media_rows", "labels")
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keys MultimodalLM.forward takes; hooks may add others (e.g. a pseudo-target batch)."""
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
 
 
 class HookCallback(TrainerCallback):
@@ -62,7 +68,7 @@ class MiclTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         for method in self.methods:
             inputs = method.augment_batch(inputs, self.ctx)
-        outputs = model(**inputs)
+        outputs = model(**model_inputs(inputs))
         loss = outputs.loss
         for method in self.methods:
             extra = method.extra_loss(model, inputs, outputs, self.ctx)
