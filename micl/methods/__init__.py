@@ -6,8 +6,10 @@ from ..config import RecipeConfig, build_dataclass
 from ..errors import ConfigError
 from .base import ContinualMethod, StepContext
 from .finetune import Finetune
+from .lwf import LwF
+from .moincl import MoInCL
 
-METHODS: dict[str, type[ContinualMethod]] = {Finetune.name: Finetune}
+METHODS: dict[str, type[ContinualMethod]] = {cls.name: cls for cls in (Finetune, LwF, MoInCL)}
 
 
 def register_method(cls: type[ContinualMethod]) -> type[ContinualMethod]:

@@ -27,6 +27,7 @@ class StepContext:
     train_dataset: Any
     run_dir: str
     seed: int = 0
+    batch_size: int = 1  # train.batch_size (per device)
     epoch: int = 0
     dataset_fn: Any = None  # dataset_fn(task_spec, split) -> EncodedTaskDataset (features cached)
     collate_fn: Any = None  # list of dataset items -> model batch

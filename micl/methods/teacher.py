@@ -69,11 +69,10 @@ class PreviousModelTeacher:
     @torch.no_grad()
     def interpolate(self, alpha: float) -> None:
         """student LoRA = (1 - alpha) * teacher + alpha * student, parameter by parameter."""
-        teacher = self.teacher_parameters()
+        params = dict(self.model.llm.named_parameters())
         marker, student_marker = f".{TEACHER_ADAPTER}.", f".{self.student_adapter}."
-        for name, old in teacher.items():
-            new = dict(self.model.llm.named_parameters())[name.replace(marker, student_marker)]
-            new.mul_(alpha).add_(old, alpha=1 - alpha)
+        for name, old in self.teacher_parameters().items():
+            params[name.replace(marker, student_marker)].mul_(alpha).add_(old, alpha=1 - alpha)
 
     def remove(self) -> None:
         self.model.llm.delete_adapter(TEACHER_ADAPTER)

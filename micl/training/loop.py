@@ -305,6 +305,7 @@ class ContinualRun:
             pre_step = initial[step] if step == 0 else self._evaluate(task, f"pre-step eval {task.name}")["score"]
         ctx = StepContext(step=step, task=task, seen_tasks=self.tasks[:step], model=self.model,
                           train_dataset=self.dataset(task, "train"), run_dir=str(self.out), seed=self.config.seed,
+                          batch_size=self.config.train.batch_size,
                           dataset_fn=self.dataset, collate_fn=MultimodalCollator(self.model.tokenizer.pad_token_id))
         for method in self.methods:
             method.on_task_start(ctx)
