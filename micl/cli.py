@@ -24,6 +24,29 @@ def _train(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from pathlib import Path
+
+    from .config import load_recipe
+    from .evaluation.compare import run_summary, write_comparison
+    from .training.loop import train
+
+    rows = []
+    for order in args.orders:
+        for recipe in args.recipes:
+            method = Path(recipe).stem
+            run_dir = Path(args.out) / f"{method}-{order}"
+            config = load_recipe(recipe, [f"order={order}", f"output_dir={run_dir}", *args.overrides])
+            print(f"[micl compare] {method} / {order} -> {run_dir}", flush=True)
+            train(config, source=recipe)
+            rows.append(run_summary(run_dir, method, order))
+    settings = f"`micl compare {' '.join(args.recipes)} --orders {' '.join(args.orders)}" + (
+        f" --set {' '.join(args.overrides)}`" if args.overrides else "`")
+    path = write_comparison(rows, args.out, settings)
+    print(f"comparison: {path}")
+    return 0
+
+
 def _report(args) -> int:
     from .evaluation.report import write_report
 
@@ -49,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="YAML recipe, e.g. recipes/finetune.yaml")
     train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.epochs=2")
     train.set_defaults(func=_train)
+
+    compare = commands.add_parser("compare", help="run recipes x task orders and tabulate them")
+    compare.add_argument("recipes", nargs="+", help="recipes, one per method (e.g. recipes/finetune.yaml)")
+    compare.add_argument("--orders", nargs="+", default=["order1", "order2"], help="task orders")
+    compare.add_argument("--out", default="runs/compare", help="folder of the runs and the table")
+    compare.add_argument("--set", dest="overrides", nargs="*", default=[], help="overrides for every run")
+    compare.set_defaults(func=_compare)
 
     report = commands.add_parser("report", help="(re)write report.md and plots of a run")
     report.add_argument("run_dir")

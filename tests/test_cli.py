@@ -25,3 +25,22 @@ def test_report_rewrites_report_from_results(tmp_path):
     assert main(["report", str(tmp_path)]) == 0
     text = (tmp_path / "report.md").read_text()
     assert "70" in text and (tmp_path / "matrix.png").stat().st_size > 0
+
+
+def test_compare_runs_methods_and_orders_and_writes_the_table(tiny_models, synth_root, tmp_path):
+    from conftest import REPO, tiny_recipe_overrides
+
+    overrides = [o for o in tiny_recipe_overrides(tiny_models, synth_root, tmp_path / "unused")
+                 if not o.startswith("output_dir=")] + ["eval.forward_transfer=false"]
+    recipes = [str(REPO / "recipes" / "finetune.yaml"), str(REPO / "recipes" / "moincl.yaml")]
+    out = tmp_path / "compare"
+    assert main(["compare", *recipes, "--orders", "quick", "--out", str(out), "--set", *overrides]) == 0
+    table = json.loads((out / "compare.json").read_text())
+    assert [r["method"] for r in table["runs"]] == ["finetune", "moincl"]
+    assert all(r["complete"] and r["caption_average"] is not None and r["qa_average"] is not None
+               for r in table["runs"])
+    assert [s["method"] for s in table["summary"]] == ["finetune", "moincl"]
+    text = (out / "compare.md").read_text()
+    assert "| finetune | quick |" in text and (out / "compare.png").stat().st_size > 0
+    run = json.loads((out / "finetune-quick" / "results.json").read_text())
+    assert table["runs"][0]["average"] == run["average"]

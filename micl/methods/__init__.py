@@ -5,11 +5,13 @@ from __future__ import annotations
 from ..config import RecipeConfig, build_dataclass
 from ..errors import ConfigError
 from .base import ContinualMethod, StepContext
+from .ewc import EWC
 from .finetune import Finetune
 from .lwf import LwF
 from .moincl import MoInCL
+from .replay import Replay
 
-METHODS: dict[str, type[ContinualMethod]] = {cls.name: cls for cls in (Finetune, LwF, MoInCL)}
+METHODS: dict[str, type[ContinualMethod]] = {cls.name: cls for cls in (Finetune, LwF, EWC, Replay, MoInCL)}
 
 
 def register_method(cls: type[ContinualMethod]) -> type[ContinualMethod]:

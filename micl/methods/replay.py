@@ -1,0 +1,139 @@
+"""Experience replay: a small memory of each past task's training samples, rehearsed alongside new tasks.
+
+At the end of each task, `buffer_size` of its training samples are chosen by reservoir sampling
+(algorithm R over the sample indices, `Random("replay:<seed>:<step>")`), so every sample is kept with the
+same probability and the choice only depends on the seed and the step. Each past task has its own buffer
+of at most `buffer_size` samples, so old tasks are not crowded out by newer ones. Only (task name, sample
+index) pairs are kept; the items are rendered again through `ctx.dataset_fn(task, "train")[index]` (the
+media features are cached), with the training template of the current epoch.
+
+Every training batch then adds `weight * CE` of the model on a replay mini-batch of `replay_batch_size`
+samples, stratified over the past tasks: each task gets floor(B / T) samples, the B mod T remaining slots go
+to distinct tasks chosen at random, so within a batch every past task contributes within one sample of
+B / T. Samples are drawn without replacement within a task while its buffer lasts.
+
+The draw is seeded by (seed, step, epoch, the indices of the current batch's samples), not by a call
+counter: a step resumed from a within-step checkpoint sees the same batches (the Trainer restores its RNG
+and sampler state) and therefore rehearses the same replay samples, like an uninterrupted run. Without
+sample indices in the batch, a per-step call counter is used instead (then a resumed step re-draws).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+from ..modeling.multimodal import move_to
+from .base import ContinualMethod, StepContext
+
+FORWARD_KEYS = ("input_ids", "attention_mask", "media_mask", "media_features", "media_rows", "labels")
+
+
+@dataclass
+class ReplayArgs:
+    buffer_size: int = field(default=64, metadata={"help": "samples kept per past task"})
+    replay_batch_size: int = field(default=4, metadata={"help": "replayed samples added to every training batch"})
+    weight: float = field(default=1.0, metadata={"help": "weight of the replay cross-entropy"})
+
+    def __post_init__(self):
+        prefix = "method_args.replay."
+        for key in ("buffer_size", "replay_batch_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"'{prefix}{key}' must be an integer >= 1, got {value!r}")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or self.weight < 0:
+            raise ConfigError(f"'{prefix}weight' must be a number >= 0, got {self.weight!r}")
+
+
+def reservoir_sample(n: int, k: int, rng: random.Random) -> list[int]:
+    """Algorithm R: k of the indices 0..n-1, each kept with probability k / n, in one pass."""
+    reservoir = list(range(min(n, k)))
+    for i in range(k, n):
+        j = rng.randint(0, i)
+        if j < k:
+            reservoir[j] = i
+    return reservoir
+
+
+def stratified_draw(buffers: dict[str, list[int]], batch_size: int, rng: random.Random) -> list[tuple[str, int]]:
+    """(task, index) pairs: floor(B / T) per task, the B mod T extra slots to distinct random tasks."""
+    tasks = [t for t, indices in buffers.items() if indices]
+    if not tasks:
+        return []
+    base, extra = divmod(batch_size, len(tasks))
+    lucky = set(rng.sample(range(len(tasks)), extra))
+    draw = []
+    for position, task in enumerate(tasks):
+        count = base + (position in lucky)
+        pool = buffers[task]
+        picked = rng.sample(pool, min(count, len(pool)))
+        picked += [rng.choice(pool) for _ in range(count - len(picked))]  # a buffer smaller than its share
+        draw.extend((task, index) for index in picked)
+    return draw
+
+
+class Replay(ContinualMethod):
+    name = "replay"
+    Args = ReplayArgs
+
+    def __init__(self, args: ReplayArgs | None = None):
+        super().__init__(args or ReplayArgs())
+        self.buffers: dict[str, list[int]] = {}  # task name -> sample indices, in the order tasks were learned
+        self._calls = 0
+
+    # ---- buffer -------------------------------------------------------------------------------------
+    def on_task_start(self, ctx: StepContext) -> None:
+        self._calls = 0
+
+    def on_task_end(self, ctx: StepContext) -> None:
+        rng = random.Random(f"replay:{ctx.seed}:{ctx.step}")
+        name = ctx.task.name
+        self.buffers.pop(name, None)  # a task learned again moves to the end with a fresh buffer
+        self.buffers[name] = reservoir_sample(len(ctx.train_dataset), self.args.buffer_size, rng)
+
+    def draw(self, ctx: StepContext, key: str) -> list[tuple[str, int]]:
+        rng = random.Random(f"replay:{ctx.seed}:{ctx.step}:{ctx.epoch}:{key}")
+        return stratified_draw(self.buffers, self.args.replay_batch_size, rng)
+
+    def replay_items(self, ctx: StepContext, draw: list[tuple[str, int]]) -> list[dict]:
+        specs = {t.name: t for t in ctx.seen_tasks}
+        specs.setdefault(ctx.task.name, ctx.task)
+        items = []
+        for task, index in draw:
+            spec = specs.get(task)
+            if spec is None:
+                from ..data.tasks import get_task
+
+                spec = specs[task] = get_task(task)
+            dataset = ctx.dataset_fn(spec, "train")
+            # render with this epoch's template, leaving the shared dataset's own epoch as it was
+            previous = getattr(dataset, "epoch", None)
+            if previous is not None:
+                dataset.set_epoch(ctx.epoch)
+            try:
+                items.append(dataset[index])
+            finally:
+                if previous is not None:
+                    dataset.set_epoch(previous)
+        return items
+
+    # ---- loss ---------------------------------------------------------------------------------------
+    def extra_loss(self, model, batch: dict, outputs, ctx: StepContext):
+        if not any(self.buffers.values()) or self.args.weight == 0:
+            return None
+        self._calls += 1
+        indices = batch.get("sample_index")
+        key = ",".join(map(str, indices.tolist())) if indices is not None else f"call{self._calls}"
+        items = self.replay_items(ctx, self.draw(ctx, key))
+        replay = ctx.collate_fn(items)
+        device = batch["input_ids"].device
+        inputs = move_to({k: replay[k] for k in FORWARD_KEYS if k in replay}, device)
+        return self.args.weight * model(**inputs).loss
+
+    # ---- state --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"buffers": [[task, list(indices)] for task, indices in self.buffers.items()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffers = {task: [int(i) for i in indices] for task, indices in (state or {}).get("buffers", [])}
