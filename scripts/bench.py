@@ -5,6 +5,8 @@ Ratios are measured side by side in one process (absolute times on shared machin
   step_vs_peft       micl step (projectors + media scatter + LoRA LLM) / plain PEFT LoRA step, same tokens
   generation         batched generation (KV cache) vs one prompt at a time
   feature_cache      encoder time on the second epoch (cached) / first epoch
+  methods            MoInCL training step / sequential fine-tuning step on the same batch, and peak RSS
+                     (one process each; the teacher is a second adapter, not a second model)
   e2e_quick, e2e_default   wall time of `micl train recipes/quick.yaml` / `recipes/finetune.yaml`
                      (only with --e2e; subprocesses, fresh output folders)
 
@@ -142,6 +144,68 @@ def bench_feature_cache(n=16) -> dict:
         return rows
 
 
+def method_step_child(method_name: str, steps: int = 6) -> dict:
+    """One process per method (peak RSS is per process): training steps of a method on the same batch.
+    MoInCL runs with its teacher adapter, 2 pseudo-target duplicates and 4 distilled instructions."""
+    import resource
+
+    from micl.data.collator import MultimodalCollator
+    from micl.data.dataset import EncodedTaskDataset
+    from micl.data.prompts import load_templates
+    from micl.data.tasks import get_task
+    from micl.methods import METHODS, StepContext
+    from micl.training.trainer import model_inputs
+
+    model, builder = load_default()
+    task = get_task("synth_image_qa")
+    torch.manual_seed(0)
+    samples = [{"id": f"s{i}", "task": task.name, "modality": "image", "task_type": "qa", "media": "",
+                "instruction": "what color is the shape?", "target": "red", "references": ["red"]}
+               for i in range(8)]
+    dataset = EncodedTaskDataset(samples, [torch.randn(9, 1280) for _ in samples], builder, load_templates(),
+                                 train=True)
+    collate = MultimodalCollator(model.tokenizer.pad_token_id)
+    caption_task = get_task("synth_image_caption")
+    ctx = StepContext(step=1, task=task, seen_tasks=[caption_task], model=model, train_dataset=dataset,
+                      run_dir=tempfile.mkdtemp(), batch_size=8, collate_fn=collate)
+    method = METHODS[method_name]()
+    if method_name == "moincl":
+        from micl.methods.teacher import PreviousModelTeacher
+
+        method.teacher = PreviousModelTeacher(model)  # the step's captions are not part of a step's cost
+        method.pseudo = [("describe the image.", "a red circle on the left.")] * len(samples)
+    batch = collate([dataset[i] for i in range(len(samples))])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+
+    def step():
+        augmented = method.augment_batch(batch, ctx)
+        outputs = model(**model_inputs(augmented))
+        loss = outputs.loss
+        extra = method.extra_loss(model, augmented, outputs, ctx)
+        if extra is not None:
+            loss = loss + extra
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()
+    times = timed(step, steps)
+    return {"method": method_name, "step_s": statistics.median(times),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def bench_methods(threads: int) -> dict:
+    rows = {}
+    for name in ("finetune", "moincl"):
+        out = subprocess.run([sys.executable, __file__, "--method-step", name, "--threads", str(threads)],
+                             check=True, capture_output=True, text=True, cwd=REPO).stdout
+        rows[name] = json.loads(out.strip().splitlines()[-1])
+    rows["step_ratio"] = rows["moincl"]["step_s"] / rows["finetune"]["step_s"]
+    rows["rss_ratio"] = rows["moincl"]["peak_rss_mb"] / rows["finetune"]["peak_rss_mb"]
+    return rows
+
+
 def bench_e2e(preset: str) -> dict:
     recipe = {"quick": "quick.yaml", "default": "finetune.yaml"}[preset]
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,8 +230,12 @@ def main() -> None:
     parser.add_argument("--e2e", action="store_true", help="also time whole `micl train` runs (minutes)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench_results.json")
+    parser.add_argument("--method-step", help=argparse.SUPPRESS)  # child process of bench_methods
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.method_step:
+        print(json.dumps(method_step_child(args.method_step)))
+        return
 
     results = {"threads": args.threads, "torch": torch.__version__}
     model, builder = load_default()
@@ -183,6 +251,7 @@ def main() -> None:
                                    "mfu_4n": steps["tokens_per_s"] * 4 * n_params / peak}
     results["generation"] = bench_generation(model, builder)
     results["feature_cache"] = bench_feature_cache()
+    results["methods"] = bench_methods(args.threads)
     if args.e2e:
         results["e2e_quick"] = bench_e2e("quick")
         results["e2e_default"] = bench_e2e("default")
@@ -195,6 +264,8 @@ def main() -> None:
         ("micl step / PEFT LoRA step", f"{steps['ratio']:.3f}", "<= 1.15"),
         ("batched vs one-by-one generation", f"{results['generation']['speedup']:.1f}x", ">= 4x"),
     ]
+    rows.append(("MoInCL step / fine-tuning step", f"{results['methods']['step_ratio']:.2f}", "<= 1.3"))
+    rows.append(("MoInCL peak RSS / fine-tuning", f"{results['methods']['rss_ratio']:.2f}", "<= 1.1"))
     for modality, row in results["feature_cache"].items():
         rows.append((f"{modality} encoder time epoch 2 / epoch 1", f"{row['ratio']:.4f}", "~0"))
     for preset, target in (("quick", "<= 180 s"), ("default", "<= 900 s")):

@@ -76,3 +76,26 @@ def test_interpolation_arithmetic(tiny_models):
     teacher.interpolate(0.25)
     for name, p in teacher.student_parameters().items():
         assert torch.allclose(p, 0.75 * old[name] + 0.25 * new[name], atol=1e-6)
+
+
+def test_lwf_distils_the_previous_model_on_current_inputs(tiny_models):
+    from micl.methods.base import StepContext
+    from micl.methods.lwf import LwF
+
+    model, builder = build(tiny_models)
+    batch = MultimodalCollator(model.tokenizer.pad_token_id)(
+        [example(builder, "describe.", "image", torch.randn(4, 12), "a red circle")])
+    ctx = StepContext(step=1, task=None, seen_tasks=[], model=model, train_dataset=None, run_dir="")
+    lwf = LwF()
+    lwf.on_task_start(ctx)
+    model.eval()  # no dropout: student == teacher at the start of the step
+    augmented = lwf.augment_batch(batch, ctx)
+    loss = lwf.extra_loss(model, augmented, model(**batch), ctx)
+    assert float(loss) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for p in model.projectors.parameters():
+            p.add_(0.5)
+    loss = lwf.extra_loss(model, augmented, model(**batch), ctx)
+    assert float(loss) > 0 and loss.requires_grad
+    lwf.on_task_end(ctx)
+    assert not any("teacher" in n for n, _ in model.named_parameters())

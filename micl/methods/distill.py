@@ -14,11 +14,18 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: to
 
     Logits are [batch, length, vocab]; mask is [batch, length]. Positions outside the mask (padding,
     prompt) contribute nothing, so rows of different lengths are aligned on their real tokens."""
-    mask = mask.to(student_logits.dtype)
-    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    per_position = (teacher.exp() * (teacher - student)).sum(-1)
-    return temperature**2 * (per_position * mask).sum() / mask.sum().clamp(min=1)
+    mask = mask.bool()
+    return kd_loss_rows(student_logits[mask], teacher_logits[mask], temperature)
+
+
+def kd_loss_rows(student_rows: torch.Tensor, teacher_rows: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The same on logits already gathered at the distilled positions ([n, vocab]); the softmaxes are
+    taken over those rows only, which keeps memory at n x vocab instead of batch x length x vocab."""
+    if student_rows.shape[0] == 0:
+        return student_rows.sum() * 0.0
+    student = F.log_softmax(student_rows.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_rows.float() / temperature, dim=-1)
+    return temperature**2 * (teacher.exp() * (teacher - student)).sum(-1).mean()
 
 
 def target_prediction_mask(labels: torch.Tensor) -> torch.Tensor:

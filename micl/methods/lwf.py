@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from ..training.trainer import model_inputs
 from .base import ContinualMethod, StepContext
-from .distill import kd_loss, target_prediction_mask
+from .distill import kd_loss_rows, target_prediction_mask
 from .teacher import PreviousModelTeacher
 
 
@@ -41,10 +41,11 @@ class LwF(ContinualMethod):
     def augment_batch(self, batch: dict, ctx: StepContext) -> dict:
         if self.teacher is None:
             return batch
-        return {**batch, "lwf_teacher_logits": self.teacher.logits(model_inputs(batch))}
+        mask = target_prediction_mask(batch["labels"])
+        return {**batch, "lwf_mask": mask, "lwf_teacher_rows": self.teacher.logits(model_inputs(batch), mask)}
 
     def extra_loss(self, model, batch: dict, outputs, ctx: StepContext):
-        if "lwf_teacher_logits" not in batch:
+        if "lwf_teacher_rows" not in batch:
             return None
-        mask = target_prediction_mask(batch["labels"])
-        return self.args.alpha * kd_loss(outputs.logits, batch["lwf_teacher_logits"], mask, self.args.temperature)
+        student_rows = outputs.logits[batch["lwf_mask"]]
+        return self.args.alpha * kd_loss_rows(student_rows, batch["lwf_teacher_rows"], self.args.temperature)

@@ -24,7 +24,7 @@ from ..data.prompts import render_instruction
 from ..errors import ConfigError
 from ..training.trainer import model_inputs
 from .base import ContinualMethod, StepContext
-from .distill import kd_loss, target_prediction_mask
+from .distill import kd_loss_rows, target_prediction_mask
 from .pseudo_targets import caption_pseudo_targets, load_pseudo_qa_rules, qa_from_caption
 from .teacher import PreviousModelTeacher
 
@@ -130,7 +130,8 @@ class MoInCL(ContinualMethod):
                               "media_mask": encoded.media_mask, "modality": dataset.samples[index]["modality"],
                               "features": features})
             pseudo = ctx.collate_fn(items)
-            pseudo["teacher_logits"] = self.teacher.logits(pseudo)
+            pseudo["kd_mask"] = target_prediction_mask(pseudo["labels"])
+            pseudo["teacher_rows"] = self.teacher.logits(pseudo, pseudo["kd_mask"])
             batch["pseudo"] = pseudo
         if self.instructions and self.args.instruction_k:
             texts = rng.sample(self.instructions, min(self.args.instruction_k, len(self.instructions)))
@@ -140,7 +141,8 @@ class MoInCL(ContinualMethod):
                 items.append({"input_ids": encoded.input_ids, "labels": encoded.labels,
                               "media_mask": encoded.media_mask, "modality": "text", "features": None})
             instructions = ctx.collate_fn(items)
-            instructions["teacher_logits"] = self.teacher.logits(instructions)
+            instructions["kd_mask"] = instructions["attention_mask"].bool()
+            instructions["teacher_rows"] = self.teacher.logits(instructions, instructions["kd_mask"])
             batch["instructions"] = instructions
         return batch
 
@@ -150,11 +152,11 @@ class MoInCL(ContinualMethod):
         if "pseudo" in batch:
             pseudo = batch["pseudo"]
             student = model(**model_inputs(pseudo))
-            mask = target_prediction_mask(pseudo["labels"])
-            losses.append(student.loss + self.args.lambda_kl * kd_loss(student.logits, pseudo["teacher_logits"], mask, T))
+            kd = kd_loss_rows(student.logits[pseudo["kd_mask"]], pseudo["teacher_rows"], T)
+            losses.append(student.loss + self.args.lambda_kl * kd)
         if "instructions" in batch:
             instructions = batch["instructions"]
             student = model(**model_inputs(instructions))
-            mask = instructions["attention_mask"].bool()
-            losses.append(self.args.instruction_weight * kd_loss(student.logits, instructions["teacher_logits"], mask, T))
+            kd = kd_loss_rows(student.logits[instructions["kd_mask"]], instructions["teacher_rows"], T)
+            losses.append(self.args.instruction_weight * kd)
         return torch.stack(losses).sum() if losses else None

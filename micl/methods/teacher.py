@@ -57,9 +57,11 @@ class PreviousModelTeacher:
             model.train(was_training)
 
     @torch.no_grad()
-    def logits(self, batch: dict) -> torch.Tensor:
+    def logits(self, batch: dict, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher logits [batch, length, vocab], or only the rows where `mask` is true ([n, vocab])."""
         with self.active() as model:
-            return model(**model_inputs(batch)).logits.detach()
+            logits = model(**model_inputs(batch)).logits.detach()
+        return logits if mask is None else logits[mask.bool()]
 
     @torch.no_grad()
     def generate(self, batch: dict, **kwargs) -> list[str]:
