@@ -21,10 +21,12 @@ def _wav(path, x, sr=16000, width=2, channels=1):
             w.writeframes(((np.clip(x, -1, 1) * 127) + 128).astype(np.uint8).tobytes())
 
 
-def _mp4(path, n=8, size=64):
+def _mp4(path, n=8, size=64, faststart=False):
+    """faststart: the moov header (frame table) is written before the mdat frame data."""
     import av
 
-    with av.open(str(path), "w", format="mp4") as c:
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", format="mp4", options=options) as c:
         s = c.add_stream("mpeg4", rate=8)
         s.width = s.height = size
         s.pix_fmt = "yuv420p"
@@ -174,26 +176,11 @@ def test_audio_file_has_no_video_frames(tmp_path):
         load_video(p)
 
 
-def _faststart_mp4(path, n=8, size=64):
-    import av
-
-    with av.open(str(path), "w", format="mp4", options={"movflags": "faststart"}) as c:
-        s = c.add_stream("mpeg4", rate=8)
-        s.width = s.height = size
-        s.pix_fmt = "yuv420p"
-        for i in range(n):
-            fr = np.full((size, size, 3), i * 30, np.uint8)
-            for p in s.encode(av.VideoFrame.from_ndarray(fr, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-
-
 @pytest.mark.parametrize("keep", [4, 300])
 def test_mp4_with_header_but_cut_data(tmp_path, keep):
     # moov (frame table) before mdat: the header survives, the frames do not
     p = tmp_path / "fs.mp4"
-    _faststart_mp4(p)
+    _mp4(p, faststart=True)
     data = p.read_bytes()
     cut = data.index(b"mdat") + keep
     t = tmp_path / "cut.mp4"

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import time
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -118,8 +119,11 @@ class ContinualRun:
                         "encoders": {m: e.identity for m, e in self.encoders.items()}}
             self._model = MultimodalLM.with_lora(llm, tokenizer, media_dims, self.config.lora,
                                                  cfg.projector_hidden, settings)
-            self.builder = PromptBuilder(tokenizer, cfg.system_prompt)
         return self._model
+
+    @cached_property
+    def builder(self) -> PromptBuilder:
+        return PromptBuilder(self.model.tokenizer, self.config.model.system_prompt)
 
     @property
     def encoders(self):
@@ -139,7 +143,6 @@ class ContinualRun:
                 paths = [str(resolve_media(self.data_root, s)) for s in samples]
                 features = self.feature_cache.features(self.encoders[task.modality], paths,
                                                        desc=f"encoding {task.name}/{split}")
-            self.model  # builds the prompt builder
             self._datasets[key] = EncodedTaskDataset(samples, features, self.builder, self.templates,
                                                      train=split == "train", seed=self.config.seed)
         return self._datasets[key]
