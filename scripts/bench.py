@@ -154,7 +154,8 @@ def method_step_child(method_name: str, steps: int = 6) -> dict:
     from micl.data.prompts import load_templates
     from micl.data.tasks import get_task
     from micl.methods import METHODS, StepContext
-    from micl.training.trainer import model_inputs
+    from micl.training.trainer import MiclTrainer
+    from transformers import TrainingArguments
 
     model, builder = load_default()
     task = get_task("synth_image_qa")
@@ -175,17 +176,15 @@ def method_step_child(method_name: str, steps: int = 6) -> dict:
         method.teacher = PreviousModelTeacher(model)  # the step's captions are not part of a step's cost
         method.pseudo = [("describe the image.", "a red circle on the left.")] * len(samples)
     batch = collate([dataset[i] for i in range(len(samples))])
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    # the Trainer's own training step (hooks, auxiliary losses backpropagated one by one), our optimizer
+    args = TrainingArguments(output_dir=ctx.run_dir, per_device_train_batch_size=8, report_to=[],
+                             remove_unused_columns=False)
+    trainer = MiclTrainer(model=model, args=args, methods=[method], ctx=ctx)
+    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop, which we do not run
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step():
-        augmented = method.augment_batch(batch, ctx)
-        outputs = model(**model_inputs(augmented))
-        loss = outputs.loss
-        extra = method.extra_loss(model, augmented, outputs, ctx)
-        if extra is not None:
-            loss = loss + extra
-        loss.backward()
+        trainer.training_step(model, batch)
         optimizer.step()
         optimizer.zero_grad()
 

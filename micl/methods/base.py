@@ -4,6 +4,9 @@ The task-order loop and the Trainer call, for every method of a recipe, in this 
 
     on_task_start(ctx)                       once, before the step's training
     augment_batch(batch, ctx) -> batch       every training batch, before the forward pass
+    auxiliary_losses(model, batch, ctx)      every training batch, before the main forward: losses on
+                                             other inputs; the Trainer backpropagates each as soon as it
+                                             is yielded, so one graph is alive at a time
     extra_loss(model, batch, outputs, ctx)   every training batch, added to the cross-entropy
     on_epoch_end(ctx)                        after every epoch
     on_task_end(ctx)                         once, after training, before evaluation
@@ -46,6 +49,10 @@ class ContinualMethod:
 
     def augment_batch(self, batch: dict, ctx: StepContext) -> dict:
         return batch
+
+    def auxiliary_losses(self, model, batch: dict, ctx: StepContext):
+        """Yields loss tensors that need their own forward passes (not the main batch's outputs)."""
+        return ()
 
     def extra_loss(self, model, batch: dict, outputs, ctx: StepContext):
         """A loss tensor added to the cross-entropy, or None."""

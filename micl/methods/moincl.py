@@ -131,7 +131,6 @@ class MoInCL(ContinualMethod):
                               "features": features})
             pseudo = ctx.collate_fn(items)
             pseudo["kd_mask"] = target_prediction_mask(pseudo["labels"])
-            pseudo["teacher_rows"] = self.teacher.logits(pseudo, pseudo["kd_mask"])
             batch["pseudo"] = pseudo
         if self.instructions and self.args.instruction_k:
             texts = rng.sample(self.instructions, min(self.args.instruction_k, len(self.instructions)))
@@ -142,21 +141,22 @@ class MoInCL(ContinualMethod):
                               "media_mask": encoded.media_mask, "modality": "text", "features": None})
             instructions = ctx.collate_fn(items)
             instructions["kd_mask"] = instructions["attention_mask"].bool()
-            instructions["teacher_rows"] = self.teacher.logits(instructions, instructions["kd_mask"])
             batch["instructions"] = instructions
         return batch
 
-    def extra_loss(self, model, batch: dict, outputs, ctx: StepContext):
-        losses = []
+    def auxiliary_losses(self, model, batch: dict, ctx: StepContext):
+        """CE + lambda_kl * KD on the pseudo-target duplicates, then KD on the instructions; the teacher's
+        logits are computed just before each student forward, so neither outlives its own loss."""
         T = self.args.temperature
         if "pseudo" in batch:
             pseudo = batch["pseudo"]
+            teacher_rows = self.teacher.logits(pseudo, pseudo["kd_mask"])
             student = model(**model_inputs(pseudo))
-            kd = kd_loss_rows(student.logits[pseudo["kd_mask"]], pseudo["teacher_rows"], T)
-            losses.append(student.loss + self.args.lambda_kl * kd)
+            kd = kd_loss_rows(student.logits[pseudo["kd_mask"]], teacher_rows, T)
+            yield student.loss + self.args.lambda_kl * kd
         if "instructions" in batch:
             instructions = batch["instructions"]
+            teacher_rows = self.teacher.logits(instructions, instructions["kd_mask"])
             student = model(**model_inputs(instructions))
-            kd = kd_loss_rows(student.logits[instructions["kd_mask"]], instructions["teacher_rows"], T)
-            losses.append(self.args.instruction_weight * kd)
-        return torch.stack(losses).sum() if losses else None
+            kd = kd_loss_rows(student.logits[instructions["kd_mask"]], teacher_rows, T)
+            yield self.args.instruction_weight * kd

@@ -11,6 +11,7 @@ import os
 
 import torch
 from safetensors.torch import load_file, save_file
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -68,13 +69,32 @@ class MiclTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         for method in self.methods:
             inputs = method.augment_batch(inputs, self.ctx)
+        inputs = self._prepare_inputs(inputs)  # what the hooks added is still on the CPU
+        auxiliary = self._auxiliary_losses(model, inputs)
         outputs = model(**model_inputs(inputs))
-        loss = outputs.loss
+        loss = outputs.loss + auxiliary
         for method in self.methods:
             extra = method.extra_loss(model, inputs, outputs, self.ctx)
             if extra is not None:
                 loss = loss + extra
         return (loss, outputs) if return_outputs else loss
+
+    def _auxiliary_losses(self, model, inputs) -> torch.Tensor:
+        """Sum of the hooks' auxiliary losses. While training, each is backpropagated at once (scaled as
+        `training_step` scales the main loss) so that its graph is freed before the next forward: peak
+        memory is one graph, not the sum of all. The returned sum is detached, for logging only.
+        Under DeepSpeed (one backward per micro-step) they are summed into the main loss instead."""
+        total = torch.zeros((), device=self.args.device)
+        separate = (model.training and torch.is_grad_enabled()
+                    and self.accelerator.distributed_type != DistributedType.DEEPSPEED)
+        for method in self.methods:
+            for loss in method.auxiliary_losses(model, inputs, self.ctx):
+                if separate:
+                    with self.accelerator.no_sync(model):  # the main backward all-reduces the sum
+                        self.accelerator.backward(loss / self.current_gradient_accumulation_steps)
+                    loss = loss.detach()
+                total = total + loss
+        return total
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         output_dir = output_dir or self.args.output_dir
