@@ -259,24 +259,24 @@ def test_replay_loss_is_deterministic_per_batch_not_per_call(tiny_models, synth_
     first = ctx_for(0, "synth_image_caption")
     batch = collate([datasets["synth_image_caption"][i] for i in (0, 1)])
     replay.on_task_start(first)
-    assert replay.extra_loss(model, batch, None, first) is None  # empty buffer
+    assert replay.replay_loss(model, batch, first) is None  # empty buffer
     replay.on_task_end(first)
     assert len(replay.buffers["synth_image_caption"]) == 3
 
     second = ctx_for(1, "synth_audio_qa")
     replay.on_task_start(second)
     batch = collate([datasets["synth_audio_qa"][i] for i in (2, 5)])
-    loss = replay.extra_loss(model, batch, None, second)
+    loss = replay.replay_loss(model, batch, second)
     assert loss.ndim == 0 and loss.item() > 0 and loss.requires_grad
     other = collate([datasets["synth_audio_qa"][i] for i in (3, 4)])
     for _ in range(3):
-        replay.extra_loss(model, other, None, second)
+        replay.replay_loss(model, other, second)
     # a fresh instance (as after a resume) draws the same replay samples for the same training batch
     resumed = Replay(ReplayArgs(buffer_size=3, replay_batch_size=2))
     resumed.load_state_dict(roundtrip(replay.state_dict()))
     resumed.on_task_start(second)
-    resumed.extra_loss(model, other, None, second)  # a different number of calls before the same batch
-    assert resumed.extra_loss(model, batch, None, second).item() == pytest.approx(loss.item(), rel=1e-6)
+    resumed.replay_loss(model, other, second)  # a different number of calls before the same batch
+    assert resumed.replay_loss(model, batch, second).item() == pytest.approx(loss.item(), rel=1e-6)
     assert datasets["synth_image_caption"].epoch == 0  # replay leaves the shared dataset's epoch alone
 
 

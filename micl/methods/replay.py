@@ -119,7 +119,13 @@ class Replay(ContinualMethod):
         return items
 
     # ---- loss ---------------------------------------------------------------------------------------
-    def extra_loss(self, model, batch: dict, outputs, ctx: StepContext):
+    def auxiliary_losses(self, model, batch: dict, ctx: StepContext):
+        loss = self.replay_loss(model, batch, ctx)
+        if loss is not None:
+            yield loss
+
+    def replay_loss(self, model, batch: dict, ctx: StepContext):
+        """weight * CE on a replay mini-batch drawn for this training batch, or None (empty buffers)."""
         if not any(self.buffers.values()) or self.args.weight == 0:
             return None
         self._calls += 1
