@@ -1,4 +1,5 @@
-"""Command line: `micl train RECIPE [key=value ...]`, `micl report RUN_DIR`, `micl data synth --out DIR`.
+"""Command line: `micl train RECIPE [key=value ...]`, `micl report RUN_DIR`, `micl push RUN_DIR --repo OWNER/NAME`,
+`micl data synth --out DIR`.
 
 User errors (recipe, data, media) print one line naming the file or key and exit with code 2; finished
 steps stay on disk.
@@ -55,6 +56,17 @@ def _report(args) -> int:
     return 0
 
 
+def _push(args) -> int:
+    from .hub import push_run
+
+    def report(result: dict) -> None:
+        print(f"{result['phase']}: {result['status']} -> {result['repo']} branch {result['branch']} "
+              f"(commit {str(result['commit'])[:12]})", flush=True)
+
+    push_run(args.run_dir, args.repo, private=args.private, endpoint=args.endpoint, report=report)
+    return 0
+
+
 def _synth(args) -> int:
     from .data.synth import generate_synth
 
@@ -83,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="(re)write report.md and plots of a run")
     report.add_argument("run_dir")
     report.set_defaults(func=_report)
+
+    push = commands.add_parser("push", help="publish each finished phase of a run to the Hugging Face Hub",
+                               description="One branch step-<k>-<task> per finished phase, main = the last one; "
+                                           "re-running pushes only what is missing. Token: HF_TOKEN or "
+                                           "`hf auth login` (never printed). See docs/hub.md.")
+    push.add_argument("run_dir")
+    push.add_argument("--repo", required=True, help="OWNER/NAME of the model repo (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repo as private")
+    push.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
+    push.set_defaults(func=_push)
 
     data = commands.add_parser("data", help="datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True)

@@ -96,6 +96,11 @@ class RecipeConfig:
     data: DataArgs = field(default_factory=DataArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "push each finished phase to the Hugging Face Hub (docs/hub.md)"}
+    )
+    hub_repo: str | None = field(default=None, metadata={"help": "OWNER/NAME of the Hub repo; needed by push_to_hub"})
+    hub_private: bool = field(default=False, metadata={"help": "create the Hub repo as private"})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -256,6 +261,17 @@ def validate(config: RecipeConfig, source: str) -> None:
         raise ConfigError(f"{source}: 'order' must be an order name from eval/orders.yaml or a non-empty list of tasks")
     if not isinstance(config.method, (str, list)):
         raise ConfigError(f"{source}: 'method' must be a method name or a list of names")
+    if config.push_to_hub and not config.hub_repo:
+        raise ConfigError(f"{source}: 'hub_repo' is required when 'push_to_hub' is true (e.g. hub_repo: OWNER/NAME)")
+    if config.hub_repo is not None and not _is_hub_repo(config.hub_repo):
+        raise ConfigError(f"{source}: 'hub_repo' must look like OWNER/NAME (letters, digits, '.', '_', '-'), "
+                          f"got {config.hub_repo!r}")
+
+
+def _is_hub_repo(text: str) -> bool:
+    from .hub import is_repo_id
+
+    return is_repo_id(text) or is_repo_id(f"owner/{text}")
 
 
 def _is_square(n: int) -> bool:

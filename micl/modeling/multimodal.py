@@ -8,6 +8,7 @@ Saved layout (one folder per phase):
     adapter/                  PEFT adapter (PeftModel.from_pretrained(base_llm, folder/"adapter"))
     projectors.safetensors    projector weights, keys "<modality>.<param>"
     micl_model.json           model settings needed to rebuild the wrapper (LLM id, dims, token counts)
+A phase pushed to the Hub (micl/hub.py) has the adapter files at the repo root instead.
 """
 
 from __future__ import annotations
@@ -154,11 +155,21 @@ class MultimodalLM(nn.Module):
         self.projectors.load_state_dict(load_file(str(folder / PROJECTORS_FILE)))
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, llm=None, tokenizer=None, is_trainable: bool = False):
-        """Rebuilds the wrapper from a saved phase folder; the base LLM is loaded from the saved id
-        unless given."""
+    def from_pretrained(cls, folder: str | Path, llm=None, tokenizer=None, is_trainable: bool = False,
+                        revision: str | None = None, token: str | None = None):
+        """Rebuilds the wrapper from a saved phase folder, or from a Hub repo id pushed by `micl push`
+        (`revision` = a branch `step-<k>-<task>`, default main; downloaded with snapshot_download, endpoint
+        and token from huggingface_hub's environment unless `token` is given). The base LLM is loaded from
+        the saved id unless given."""
         from .llm import load_llm
 
+        if not Path(folder).exists() and isinstance(folder, str):
+            from ..hub import download_phase, is_repo_id
+
+            if is_repo_id(folder):
+                folder = download_phase(folder, revision=revision, token=token)
+        elif revision is not None:
+            raise MiclError(f"{folder}: revision= only applies to a Hub repo id, not to a local folder")
         folder = Path(folder)
         config_file = folder / MODEL_CONFIG_FILE
         if not config_file.is_file():
@@ -167,7 +178,9 @@ class MultimodalLM(nn.Module):
         if llm is None:
             llm, tokenizer = load_llm(settings["llm"], settings.get("dtype", "float32"),
                                       settings.get("trust_remote_code", False))
-        peft_llm = PeftModel.from_pretrained(llm, str(folder / ADAPTER_DIR), is_trainable=is_trainable)
+        # a phase folder keeps the adapter in adapter/; a pushed revision has it at the root
+        adapter = folder / ADAPTER_DIR if (folder / ADAPTER_DIR).is_dir() else folder
+        peft_llm = PeftModel.from_pretrained(llm, str(adapter), is_trainable=is_trainable)
         media_dims = settings.pop("media_dims")
         model = cls(peft_llm, tokenizer, media_dims, settings.get("projector_hidden"), settings)
         model.projectors.load_state_dict(load_file(str(folder / PROJECTORS_FILE)))

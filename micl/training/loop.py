@@ -9,6 +9,7 @@ Run folder:
         metrics.json predictions.jsonl method_state.pt
     .checkpoints/step_<k>/checkpoint-N/   within-step Trainer checkpoints (deleted once the step is saved)
     results.json report.md matrix.png forgetting.png
+    hub_push.json                    what `push_to_hub` / `micl push` published (micl/hub.py)
 A finished step is a step folder with metrics.json; results.json is rebuilt from them.
 """
 
@@ -19,6 +20,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from functools import cached_property
 from pathlib import Path
@@ -32,7 +34,7 @@ from ..data.dataset import EncodedTaskDataset
 from ..data.orders import resolve_order
 from ..data.prompts import load_templates
 from ..data.tasks import get_task, load_task_split, resolve_media
-from ..errors import ConfigError
+from ..errors import ConfigError, MiclError
 from ..evaluation.continual import continual_metrics
 from ..evaluation.report import write_report
 from ..methods import StepContext, build_methods
@@ -80,6 +82,7 @@ class ContinualRun:
         self.feature_cache = FeatureCache(cache_root() / "features")
         self.templates = load_templates(config.data.templates)
         self._datasets: dict[tuple[str, str], EncodedTaskDataset] = {}
+        self.push_error: MiclError | None = None  # last failed push_to_hub (the next push completes it)
 
     # ---- setup --------------------------------------------------------------------------------------
     def _check_or_write_run_config(self) -> None:
@@ -291,14 +294,39 @@ class ContinualRun:
         finished = self.finished_steps()
         if len(finished) == len(self.tasks):
             print(f"{self.out}: all {len(self.tasks)} steps already finished")
-            return self.write_results()
+            self._push_to_hub()  # completes a push that failed earlier
+            return self._check_push(self.write_results())
         initial = self._initial_scores()
         if finished:
             self._restore(finished)
             print(f"{self.out}: resuming after step {len(finished)}/{len(self.tasks)}")
         for step in range(len(finished), len(self.tasks)):
             self._run_step(step, initial)
-        return self.write_results()
+        return self._check_push(self.write_results())
+
+    def _push_to_hub(self) -> None:
+        """Recipe `push_to_hub`: publish the finished phases not yet on the Hub (micl/hub.py). A failure is
+        reported and the run goes on: the finished steps are untouched, the next push completes it."""
+        if not self.config.push_to_hub:
+            return
+        from ..hub import push_run
+
+        def report(result: dict) -> None:
+            if result["status"] == "pushed":
+                print(f"[micl] pushed {result['phase']} to {result['repo']} branch {result['branch']}", flush=True)
+
+        try:
+            push_run(self.out, self.config.hub_repo, private=self.config.hub_private, report=report)
+            self.push_error = None
+        except MiclError as err:
+            self.push_error = err
+            print(f"[micl] push to the Hub failed (the step is saved): {err}", file=sys.stderr, flush=True)
+
+    def _check_push(self, results: dict) -> dict:
+        if self.push_error is not None:
+            raise MiclError(f"all steps are saved, but the push to the Hub failed: {self.push_error}; "
+                            f"`micl push {self.out} --repo {self.config.hub_repo}` completes it")
+        return results
 
     def _run_step(self, step: int, initial) -> None:
         task = self.tasks[step]
@@ -339,6 +367,7 @@ class ContinualRun:
             f"{scores} | avg {average:.1f} | {record['step_runtime_s']:.0f}s",
             flush=True,
         )
+        self._push_to_hub()
 
 
 def train(config: RecipeConfig, source: str = "recipe") -> dict:
