@@ -21,7 +21,10 @@ def _train(args) -> int:
 
     config = load_recipe(args.recipe, args.overrides)
     results = train(config, source=args.recipe)
-    print(f"results: {os.path.join(config.output_dir, 'results.json')} (average {results['average']:.2f})")
+    from .utils.distributed import is_main_process
+
+    if is_main_process():  # under accelerate launch / torchrun every rank gets here
+        print(f"results: {os.path.join(config.output_dir, 'results.json')} (average {results['average']:.2f})")
     return 0
 
 

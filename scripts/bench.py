@@ -224,9 +224,20 @@ def bench_e2e(preset: str) -> dict:
             "tasks": len(results["tasks"])}
 
 
+def bench_distributed() -> dict:
+    """scripts/bench_distributed.py in a subprocess (it launches the 2-process runs itself)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "distributed.json"
+        subprocess.run([sys.executable, str(REPO / "scripts" / "bench_distributed.py"), "--out", str(out)],
+                       check=True, cwd=REPO)
+        return json.loads(out.read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--e2e", action="store_true", help="also time whole `micl train` runs (minutes)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="also run scripts/bench_distributed.py (ZeRO-3 memory, 1 vs 2 processes; minutes)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench_results.json")
     parser.add_argument("--method-step", help=argparse.SUPPRESS)  # child process of bench_methods
@@ -254,6 +265,8 @@ def main() -> None:
     if args.e2e:
         results["e2e_quick"] = bench_e2e("quick")
         results["e2e_default"] = bench_e2e("default")
+    if args.distributed:
+        results["distributed"] = bench_distributed()
 
     rows = [
         ("train tokens/s (batch 8 x 128)", f"{results['train_throughput']['tokens_per_s']:.0f}", ""),
@@ -270,6 +283,10 @@ def main() -> None:
     for preset, target in (("quick", "<= 180 s"), ("default", "<= 900 s")):
         if f"e2e_{preset}" in results:
             rows.append((f"wall time, {preset} recipe", f"{results[f'e2e_{preset}']['wall_s']:.0f} s", target))
+    for row in results.get("distributed", {}).get("rows", [])[1:]:
+        rows.append((f"{row['run']}, 2 processes: memory per process / 1 process", f"{row['memory_vs_single']:.3f}",
+                     "<= 0.6" if row["run"] == "zero3" else ""))
+        rows.append((f"{row['run']}, 2 processes: throughput / 1 process", f"{row['throughput_vs_single']:.2f}x", ""))
     width = max(len(r[0]) for r in rows)
     print(f"\n| {'measure'.ljust(width)} | value | target |\n|{'-' * (width + 2)}|-------|--------|")
     for name, value, target in rows:

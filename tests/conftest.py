@@ -26,10 +26,13 @@ def embedded_llm_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, embedded_llm_dir) -> dict[str, str]:
     """A 2-layer Llama (with the real SmolLM2 tokenizer), a tiny ViT and a tiny Whisper encoder."""
+    return build_tiny_models(tmp_path_factory.mktemp("tiny_models"), embedded_llm_dir)
+
+
+def build_tiny_models(root: Path, embedded_llm_dir: Path) -> dict[str, str]:
     from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, ViTConfig, ViTImageProcessor,
                               ViTModel, WhisperConfig, WhisperFeatureExtractor, WhisperModel)
 
-    root = tmp_path_factory.mktemp("tiny_models")
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(embedded_llm_dir)
     llm = LlamaForCausalLM(LlamaConfig(

@@ -13,9 +13,28 @@ from contextlib import contextmanager
 
 import torch
 
+from ..modeling.projectors import Projector
 from ..training.trainer import model_inputs
+from ..utils.distributed import gathered, has_master_copy, is_partitioned, set_trained_value, trained_value
 
 TEACHER_ADAPTER = "teacher"
+
+
+def _frozen_copy(projectors: torch.nn.ModuleDict) -> torch.nn.ModuleDict:
+    """A frozen copy of the projectors. Under ZeRO-3 a deep copy would copy empty shards and DeepSpeed's
+    module hooks, so the copy is rebuilt as plain modules from the gathered weights; it stays outside the
+    model, unpartitioned (projectors are small)."""
+    params = list(projectors.parameters())
+    if not any(is_partitioned(p) for p in params):
+        return copy.deepcopy(projectors).requires_grad_(False)
+    with torch.no_grad(), gathered(params):
+        clone = torch.nn.ModuleDict({
+            name: Projector(p.fc1.in_features, p.fc2.out_features, p.fc1.out_features)
+            for name, p in projectors.items()
+        })
+        clone.load_state_dict({k: v.detach().clone() for k, v in projectors.state_dict().items()})
+    dtype = next(iter(params)).dtype
+    return clone.to(dtype).requires_grad_(False)
 
 
 class PreviousModelTeacher:
@@ -26,13 +45,15 @@ class PreviousModelTeacher:
         peft_model.add_adapter(TEACHER_ADAPTER, copy.deepcopy(peft_model.peft_config[self.student_adapter]))
         params = dict(peft_model.named_parameters())
         marker, student_marker = f".{TEACHER_ADAPTER}.", f".{self.student_adapter}."
-        with torch.no_grad():
-            for name, param in params.items():
-                if marker in name:
-                    param.copy_(params[name.replace(marker, student_marker)])
-                    param.requires_grad_(False)
+        pairs = [(param, params[name.replace(marker, student_marker)]) for name, param in params.items()
+                 if marker in name]
+        # under DeepSpeed ZeRO-3 the student's parameters are shards: gathered on every rank to be read
+        with torch.no_grad(), gathered([student for _, student in pairs]):
+            for param, student in pairs:
+                param.copy_(student)
+                param.requires_grad_(False)
         peft_model.set_adapter(self.student_adapter)  # keeps the student trainable, the teacher frozen
-        self.projectors = copy.deepcopy(model.projectors).requires_grad_(False)
+        self.projectors = _frozen_copy(model.projectors)
 
     def teacher_parameters(self) -> dict[str, torch.Tensor]:
         marker = f".{TEACHER_ADAPTER}."
@@ -73,8 +94,18 @@ class PreviousModelTeacher:
         """student LoRA = (1 - alpha) * teacher + alpha * student, parameter by parameter."""
         params = dict(self.model.llm.named_parameters())
         marker, student_marker = f".{TEACHER_ADAPTER}.", f".{self.student_adapter}."
-        for name, old in self.teacher_parameters().items():
-            params[name.replace(marker, student_marker)].mul_(alpha).add_(old, alpha=1 - alpha)
+        pairs = [(params[name.replace(marker, student_marker)], old) for name, old in self.teacher_parameters().items()]
+        if not any(is_partitioned(p) or has_master_copy(p) for pair in pairs for p in pair):
+            for new, old in pairs:
+                new.mul_(alpha).add_(old, alpha=1 - alpha)
+            return
+        # DeepSpeed: ZeRO-3 parameters are shards (gathered on every rank, the same arithmetic on the full
+        # tensors everywhere, rank 0's result re-partitioned), and ZeRO-1/2/3 keep an fp32 master copy of
+        # the student in the optimizer: it is the student's value here and gets the result, or the next
+        # optimizer step would undo the interpolation.
+        for new, old in pairs:
+            with gathered([new, old], modifier_rank=0):
+                set_trained_value(new, trained_value(new) * alpha + old.detach().float() * (1 - alpha))
 
     def remove(self) -> None:
         self.model.llm.delete_adapter(TEACHER_ADAPTER)

@@ -43,13 +43,17 @@ from ..modeling.feature_cache import FeatureCache
 from ..modeling.llm import cache_root, load_llm
 from ..modeling.multimodal import MultimodalLM
 from ..modeling.prompting import PromptBuilder
+from ..utils.distributed import (barrier, deepspeed_zero_stage, gathered, init_distributed, is_main_process,
+                                 is_partitioned, main_process_first, plain_model_loading,
+                                 training_arguments_kwargs)
 from ..utils.io import atomic_write_json
-from .evaluation import evaluate_task
+from .evaluation import evaluate_task, generate_predictions
 from .trainer import MiclTrainer
 
 logger = logging.getLogger(__name__)
 
 RUN_IDENTITY_KEYS = ("order", "seed", "method", "method_args", "model", "lora", "data", "train")
+ZERO3_UNSUPPORTED = ("ewc", "replay")  # docs/distributed.md
 
 
 def step_dir_name(step: int, task: str) -> str:
@@ -65,8 +69,10 @@ def _tensorboard_available() -> bool:
 
 
 def _checkpoint_complete(folder: Path) -> bool:
-    """A process killed while the Trainer writes a checkpoint leaves it partial: resume from an older one."""
-    return all((folder / name).is_file() for name in ("trainable.safetensors", "optimizer.pt", "trainer_state.json"))
+    """A process killed while the Trainer writes a checkpoint leaves it partial: resume from an older one.
+    Under DeepSpeed the optimizer state is DeepSpeed's own checkpoint (`latest` names its folder)."""
+    optimizer = (folder / "optimizer.pt").is_file() or (folder / "latest").is_file()
+    return optimizer and all((folder / name).is_file() for name in ("trainable.safetensors", "trainer_state.json"))
 
 
 class ContinualRun:
@@ -83,6 +89,7 @@ class ContinualRun:
         self.templates = load_templates(config.data.templates)
         self._datasets: dict[tuple[str, str], EncodedTaskDataset] = {}
         self.push_error: MiclError | None = None  # last failed push_to_hub (the next push completes it)
+        self._trainer: MiclTrainer | None = None  # the last step's, under DeepSpeed (its engine serves evaluation)
 
     # ---- setup --------------------------------------------------------------------------------------
     def _check_or_write_run_config(self) -> None:
@@ -98,8 +105,9 @@ class ContinualRun:
                     f"resume it with the same recipe or choose another output_dir"
                 )
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, resolved)
+        if is_main_process():
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, resolved)
 
     def _ensure_data(self) -> None:
         synth = [t.name for t in self.tasks if t.name.startswith("synth_")]
@@ -115,7 +123,9 @@ class ContinualRun:
         if self._model is None:
             cfg = self.config.model
             set_seed(self.config.seed)
-            llm, tokenizer = load_llm(cfg.llm, cfg.dtype, cfg.trust_remote_code)
+            # the embedded LLM is converted and cached on first use; loaded whole (see plain_model_loading)
+            with main_process_first(), plain_model_loading():
+                llm, tokenizer = load_llm(cfg.llm, cfg.dtype, cfg.trust_remote_code)
             media_dims = {m: enc.output_dim for m, enc in self.encoders.items()}
             settings = {"llm": cfg.llm, "dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code,
                         "projector_hidden": cfg.projector_hidden, "system_prompt": cfg.system_prompt,
@@ -144,8 +154,10 @@ class ContinualRun:
                 features = [None] * len(samples)
             else:
                 paths = [str(resolve_media(self.data_root, s)) for s in samples]
-                features = self.feature_cache.features(self.encoders[task.modality], paths,
-                                                       desc=f"encoding {task.name}/{split}")
+                # encoded once, the other ranks read the cache; an encoder loads (whole) on first use
+                with main_process_first(), plain_model_loading():
+                    features = self.feature_cache.features(self.encoders[task.modality], paths,
+                                                           desc=f"encoding {task.name}/{split}")
             self._datasets[key] = EncodedTaskDataset(samples, features, self.builder, self.templates,
                                                      train=split == "train", seed=self.config.seed)
         return self._datasets[key]
@@ -161,7 +173,15 @@ class ContinualRun:
         return finished
 
     def _evaluate(self, task, desc: str) -> dict:
-        return evaluate_task(self.model, task, self.dataset(task, self.config.data.eval_split), self.config.eval, desc)
+        """Scored on the main process. Under DeepSpeed ZeRO-3 every forward gathers the partitioned weights
+        collectively, so the other ranks run the same generation on the same inputs (and discard it);
+        otherwise they have nothing to do. Their result has score None."""
+        dataset = self.dataset(task, self.config.data.eval_split)
+        if is_main_process():
+            return evaluate_task(self.model, task, dataset, self.config.eval, desc)
+        if any(is_partitioned(p) for p in self.model.parameters()):
+            generate_predictions(self.model, dataset, self.config.eval, desc)
+        return {"score": None, "predictions": []}
 
     def _initial_scores(self) -> list[float] | None:
         if not self.config.eval.forward_transfer:
@@ -170,7 +190,8 @@ class ContinualRun:
         if path.is_file():
             return json.loads(path.read_text())["scores"]
         scores = [self._evaluate(t, f"initial eval {t.name}")["score"] for t in self.tasks]
-        atomic_write_json(path, {"tasks": [t.name for t in self.tasks], "scores": scores})
+        if is_main_process():
+            atomic_write_json(path, {"tasks": [t.name for t in self.tasks], "scores": scores})
         return scores
 
     def _training_args(self, step: int, dataset) -> TrainingArguments:
@@ -196,12 +217,14 @@ class ContinualRun:
             dataloader_pin_memory=False,
             bf16=self.config.model.dtype == "bfloat16",
             fp16=self.config.model.dtype == "float16",
+            # {} in a single process; under a launcher: process group, DeepSpeed JSON (docs/distributed.md)
+            **training_arguments_kwargs(self.model.llm.get_input_embeddings().embedding_dim),
         )
 
     def _tensorboard(self, step: int) -> list:
         """TensorBoard logs in <output_dir>/logs/step_<k> (the Trainer's default folder is the checkpoint
         folder, which is deleted once the step is saved)."""
-        if not (self.config.train.tensorboard and _tensorboard_available()):
+        if not (self.config.train.tensorboard and _tensorboard_available() and is_main_process()):
             return []
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
@@ -210,6 +233,7 @@ class ContinualRun:
 
     def _train_step(self, step: int, task, ctx: StepContext) -> dict:
         dataset = ctx.train_dataset
+        self._release_trainer()
         args = self._training_args(step, dataset)
         trainer = MiclTrainer(
             model=self.model,
@@ -228,6 +252,8 @@ class ContinualRun:
             logger.info("resuming step %d from %s", step, resume)
         started = time.time()
         result = trainer.train(resume_from_checkpoint=resume)
+        if trainer.is_deepspeed_enabled:  # kept for its engine (see _release_trainer)
+            self._trainer = trainer
         tokens = sum(len(dataset[i]["input_ids"]) for i in range(len(dataset))) * self.config.train.epochs
         # mean of the logged losses: the Trainer's own training_loss only covers the part after a resume
         logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -239,8 +265,24 @@ class ContinualRun:
             "log_history": trainer.state.log_history,
         }
 
+    def _release_trainer(self) -> None:
+        """Destroys the previous step's DeepSpeed engine (its ZeRO-3 hooks gather the weights for the
+        evaluations and the teacher until the next step's engine takes over the same model)."""
+        if self._trainer is not None:
+            self._trainer.accelerator.free_memory()
+            self._trainer = None
+
     def _save_phase(self, step: int, task, record: dict, predictions: dict) -> Path:
+        """Every rank enters (gathering ZeRO-3 shards is collective); the main process writes."""
         final = self.out / step_dir_name(step, task.name)
+        saved = [p for p in self.model.parameters() if p.requires_grad] + list(self.model.projectors.parameters())
+        with gathered(saved):
+            if is_main_process():
+                self._write_phase(final, record, predictions)
+        barrier()
+        return final
+
+    def _write_phase(self, final: Path, record: dict, predictions: dict) -> None:
         tmp = self.out / f".{final.name}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -254,7 +296,6 @@ class ContinualRun:
         if final.exists():  # a half-finished earlier attempt: metrics.json is missing there
             shutil.rmtree(final)
         os.replace(tmp, final)
-        return final
 
     def _restore(self, finished: list[dict]) -> None:
         last = finished[-1]
@@ -266,6 +307,15 @@ class ContinualRun:
         logger.info("restored %s", folder)
 
     def write_results(self) -> dict:
+        """Main process: writes results.json and the report. The other ranks wait and read results.json."""
+        if not is_main_process():
+            barrier()
+            return json.loads((self.out / "results.json").read_text())
+        results = self._write_results()
+        barrier()
+        return results
+
+    def _write_results(self) -> dict:
         finished = self.finished_steps()
         names = [t.name for t in self.tasks]
         matrix = [row["row"] + [None] * (len(names) - len(row["row"])) for row in finished]
@@ -289,25 +339,42 @@ class ContinualRun:
     def run(self) -> dict:
         if self.config.train.num_threads:
             torch.set_num_threads(self.config.train.num_threads)
+        init_distributed()  # a no-op in a single process; docs/distributed.md
+        self._check_zero3_methods()
         self._check_or_write_run_config()
-        self._ensure_data()
+        barrier()
+        with main_process_first():
+            self._ensure_data()
         finished = self.finished_steps()
         if len(finished) == len(self.tasks):
-            print(f"{self.out}: all {len(self.tasks)} steps already finished")
+            if is_main_process():
+                print(f"{self.out}: all {len(self.tasks)} steps already finished")
             self._push_to_hub()  # completes a push that failed earlier
             return self._check_push(self.write_results())
         initial = self._initial_scores()
         if finished:
             self._restore(finished)
-            print(f"{self.out}: resuming after step {len(finished)}/{len(self.tasks)}")
+            if is_main_process():
+                print(f"{self.out}: resuming after step {len(finished)}/{len(self.tasks)}")
         for step in range(len(finished), len(self.tasks)):
             self._run_step(step, initial)
         return self._check_push(self.write_results())
 
+    def _check_zero3_methods(self) -> None:
+        """Under ZeRO-3 every rank must run the same forward passes and read weights only through gathers.
+        EWC (Fisher from autograd.grad of the partitioned weights) and replay (per-rank draws that can
+        touch another modality's projector on one rank only) do not; refused instead of a deadlock."""
+        if deepspeed_zero_stage() != 3:
+            return
+        unsupported = [m.name for m in self.methods if m.name in ZERO3_UNSUPPORTED]
+        if unsupported:
+            raise ConfigError(f"method {', '.join(unsupported)} is not supported under DeepSpeed ZeRO-3 (weights "
+                              f"partitioned across processes); use ZeRO-2 or DDP (docs/distributed.md)")
+
     def _push_to_hub(self) -> None:
         """Recipe `push_to_hub`: publish the finished phases not yet on the Hub (micl/hub.py). A failure is
         reported and the run goes on: the finished steps are untouched, the next push completes it."""
-        if not self.config.push_to_hub:
+        if not self.config.push_to_hub or not is_main_process():
             return
         from ..hub import push_run
 
@@ -358,8 +425,11 @@ class ContinualRun:
             "step_runtime_s": time.time() - started,
         }
         self._save_phase(step, task, record, predictions)
-        shutil.rmtree(self.out / ".checkpoints" / f"step_{step}", ignore_errors=True)
+        if is_main_process():
+            shutil.rmtree(self.out / ".checkpoints" / f"step_{step}", ignore_errors=True)
         results = self.write_results()
+        if not is_main_process():
+            return
         scores = " ".join(f"{t.name}={metrics[t.name]['score']:.1f}" for t in self.tasks[: step + 1])
         average = results.get("average")
         print(

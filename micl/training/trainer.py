@@ -7,12 +7,18 @@ killed step exactly; the frozen LLM is never written (538 MB for the embedded de
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 
 import torch
 from safetensors.torch import load_file, save_file
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
+
+from ..utils.distributed import gathered
+
+logger = logging.getLogger(__name__)
 
 TRAINABLE_FILE = "trainable.safetensors"
 MODEL_INPUTS = ("input_ids", "attention_mask", "media_mask", "media_features", "media_rows", "labels")
@@ -32,7 +38,8 @@ class HookCallback(TrainerCallback):
         self.dataset = dataset
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.ctx.epoch = int(round(state.epoch or 0))
+        # state.epoch is fractional when a run resumes mid-epoch (e.g. 1.5 in the second epoch): floor, not round
+        self.ctx.epoch = int(math.floor((state.epoch or 0) + 1e-6))
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.ctx.epoch)
 
@@ -67,8 +74,11 @@ class MiclTrainer(Trainer):
         return super().create_optimizer()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        given = set(inputs)
         for method in self.methods:
             inputs = method.augment_batch(inputs, self.ctx)
+        if model.training and self._same_forwards_on_every_rank():
+            inputs = self._agree_on_hook_inputs(inputs, given)
         inputs = self._prepare_inputs(inputs)  # what the hooks added is still on the CPU
         auxiliary = self._auxiliary_losses(model, inputs)
         outputs = model(**model_inputs(inputs))
@@ -78,6 +88,27 @@ class MiclTrainer(Trainer):
             if extra is not None:
                 loss = loss + extra
         return (loss, outputs) if return_outputs else loss
+
+    def _same_forwards_on_every_rank(self) -> bool:
+        """DeepSpeed with more than one process: ZeRO-3 gathers the partitioned weights in every forward
+        (a collective), and ZeRO-1/2 reduce the gradients of the one backward per micro-step (auxiliary
+        losses summed in) bucket by bucket in the order they become ready, which follows the graph."""
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED and self.accelerator.num_processes > 1
+
+    def _agree_on_hook_inputs(self, inputs: dict, given: set) -> dict:
+        """Under DeepSpeed all ranks must run the same forward passes (see above), but a hook may add an
+        auxiliary input on one rank only (MoInCL adds pseudo targets only when the rank's batch has a
+        sample with one). Inputs the hooks added on some ranks but not all are dropped on every rank for
+        this micro-step, instead of a deadlock. (DDP backpropagates them separately: nothing dropped.)"""
+        added = sorted(set(inputs) - given)
+        everyone: list = [None] * self.accelerator.num_processes
+        torch.distributed.all_gather_object(everyone, added)
+        common = set.intersection(*(set(keys) for keys in everyone))
+        dropped = sorted(set().union(*(set(keys) for keys in everyone)) - common)
+        if dropped:
+            logger.info("hook inputs %s are not on every rank in this micro-step; skipped on all", dropped)
+            inputs = {k: v for k, v in inputs.items() if k in given or k in common}
+        return inputs
 
     def _auxiliary_losses(self, model, inputs) -> torch.Tensor:
         """Sum of the hooks' auxiliary losses. While training, each is backpropagated at once (scaled as
@@ -96,11 +127,25 @@ class MiclTrainer(Trainer):
                 total = total + loss
         return total
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Called on every rank. Under DeepSpeed ZeRO-3 the trainable parameters are shards: they are
+        gathered (a collective) so that `trainable.safetensors` holds full tensors that load in a single
+        process; only the main process writes. (The Trainer's own DeepSpeed path would gather the whole
+        frozen LLM too, and write from every rank.)"""
+        model = self.accelerator.unwrap_model(self.model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        with gathered(trainable):
+            state = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
+        if self.args.should_save:
+            self._save(output_dir, state_dict=state)
+
     def _save(self, output_dir: str | None = None, state_dict=None):
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
-        state = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
+        if state_dict is None:
+            state_dict = model.trainable_state_dict()
+        state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
         tmp = os.path.join(output_dir, f".{TRAINABLE_FILE}.tmp")
         save_file(state, tmp)
         os.replace(tmp, os.path.join(output_dir, TRAINABLE_FILE))
