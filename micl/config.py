@@ -36,10 +36,18 @@ class ModelArgs:
 
 @dataclass
 class LoraArgs:
+    type: str = field(default="lora", metadata={
+        "choices": ["lora", "gated_lora", "moe_lora"],
+        "help": "PEFT tuner: plain LoRA, Harmony's gated LoRA (micl/adapters/gated_lora), routed LoRA experts "
+                "(micl/adapters/moe_lora)"})
     r: int = 8
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # moe_lora only
+    num_experts: int = field(default=10, metadata={"help": "moe_lora: LoRA experts per adapted module"})
+    top_k: int = field(default=2, metadata={"help": "moe_lora: experts routed to per token (or sample)"})
+    routing: str = field(default="token", metadata={"choices": ["token", "sample"], "help": "moe_lora: routing unit"})
 
 
 @dataclass

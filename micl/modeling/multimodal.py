@@ -52,6 +52,7 @@ class MultimodalLM(nn.Module):
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
     def with_lora(cls, llm, tokenizer, media_dims, lora_args, projector_hidden=None, settings=None):
+        """Plain LoRA from the recipe's `lora` settings (the tuners of micl/adapters go through with_adapter)."""
         config = LoraConfig(
             r=lora_args.r,
             lora_alpha=lora_args.alpha,
@@ -59,9 +60,15 @@ class MultimodalLM(nn.Module):
             target_modules=list(lora_args.target_modules),
             task_type="CAUSAL_LM",
         )
+        return cls.with_adapter(llm, tokenizer, media_dims, config, projector_hidden, settings)
+
+    @classmethod
+    def with_adapter(cls, llm, tokenizer, media_dims, peft_config, projector_hidden=None, settings=None):
+        """The LLM frozen, wrapped by `get_peft_model` with any PEFT config (LoRA or a tuner registered by
+        micl.adapters)."""
         for param in llm.parameters():
             param.requires_grad_(False)
-        peft_llm = get_peft_model(llm, config)
+        peft_llm = get_peft_model(llm, peft_config)
         return cls(peft_llm, tokenizer, media_dims, projector_hidden, settings)
 
     # ---- forward --------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from ..evaluation.continual import continual_metrics
 from ..evaluation.report import write_report
 from ..methods import StepContext, build_methods
 from ..modeling.encoders.registry import build_encoders
+from ..adapters import build_peft_config
 from ..modeling.feature_cache import FeatureCache
 from ..modeling.llm import cache_root, load_llm
 from ..modeling.multimodal import MultimodalLM
@@ -130,8 +131,8 @@ class ContinualRun:
             settings = {"llm": cfg.llm, "dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code,
                         "projector_hidden": cfg.projector_hidden, "system_prompt": cfg.system_prompt,
                         "encoders": {m: e.identity for m, e in self.encoders.items()}}
-            self._model = MultimodalLM.with_lora(llm, tokenizer, media_dims, self.config.lora,
-                                                 cfg.projector_hidden, settings)
+            self._model = MultimodalLM.with_adapter(llm, tokenizer, media_dims, build_peft_config(self.config.lora),
+                                                    cfg.projector_hidden, settings)
         return self._model
 
     @cached_property
