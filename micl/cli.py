@@ -28,6 +28,19 @@ def _train(args) -> int:
     return 0
 
 
+def _run_finished(run_dir) -> bool:
+    """results.json with a score for every task of the order in its last row."""
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        return False
+    results = json.loads(path.read_text())
+    matrix = results.get("matrix") or []
+    return len(matrix) == len(results.get("tasks", [])) > 0 and None not in matrix[-1]
+
+
 def _compare(args) -> int:
     from pathlib import Path
 
@@ -41,9 +54,14 @@ def _compare(args) -> int:
             method = Path(recipe).stem
             run_dir = Path(args.out) / f"{method}-{order}"
             config = load_recipe(recipe, [f"order={order}", f"output_dir={run_dir}", *args.overrides])
+            if args.skip_missing and not _run_finished(run_dir):
+                print(f"[micl compare] {method} / {order}: no finished run in {run_dir}, left out", flush=True)
+                continue
             print(f"[micl compare] {method} / {order} -> {run_dir}", flush=True)
             train(config, source=recipe)
             rows.append(run_summary(run_dir, method, order))
+    if not rows:
+        raise MiclError(f"{args.out}: no finished run to compare (--skip-missing trains nothing)")
     settings = f"`micl compare {' '.join(args.recipes)} --orders {' '.join(args.orders)}" + (
         f" --set {' '.join(args.overrides)}`" if args.overrides else "`")
     path = write_comparison(rows, args.out, settings)
@@ -93,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--orders", nargs="+", default=["order1", "order2"], help="task orders")
     compare.add_argument("--out", default="runs/compare", help="folder of the runs and the table")
     compare.add_argument("--set", dest="overrides", nargs="*", default=[], help="overrides for every run")
+    compare.add_argument("--skip-missing", action="store_true",
+                         help="tabulate only the runs already finished in --out; train nothing")
     compare.set_defaults(func=_compare)
 
     report = commands.add_parser("report", help="(re)write report.md and plots of a run")

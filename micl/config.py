@@ -48,6 +48,8 @@ class LoraArgs:
     num_experts: int = field(default=10, metadata={"help": "moe_lora: LoRA experts per adapted module"})
     top_k: int = field(default=2, metadata={"help": "moe_lora: experts routed to per token (or sample)"})
     routing: str = field(default="token", metadata={"choices": ["token", "sample"], "help": "moe_lora: routing unit"})
+    # gated_lora only
+    gate_init: float = field(default=0.5, metadata={"help": "gated_lora: omega = sigmoid(gate) at initialisation, in (0, 1)"})
 
 
 @dataclass

@@ -43,6 +43,8 @@ RETRY_BASE_S = 1.0  # first wait; doubles each retry
 RETRY_MAX_S = 60.0  # longest single wait (also caps a server's Retry-After)
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 PHASE_FILES = ("projectors.safetensors", "micl_model.json", "metrics.json")  # + the adapter folder's files
+# written by MultimodalLM only when a method uses them (e.g. harmony: merged base-weight updates, modulator)
+OPTIONAL_PHASE_FILES = ("base_updates.safetensors", "media_modulator.safetensors")
 CARD_TAGS = ["micl", "continual-learning", "peft", "lora", "multimodal"]
 # micl's embedded LLMs and the Hub model they were converted from (the adapter loads onto it with plain PEFT)
 EMBEDDED_BASE_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -129,6 +131,9 @@ def phase_payload(run_dir: Path, phase: Phase, repo_id: str) -> dict[str, Path |
             payload[path.name] = path
     for name in PHASE_FILES:
         payload[name] = phase.folder / name
+    for name in OPTIONAL_PHASE_FILES:
+        if (phase.folder / name).is_file():
+            payload[name] = phase.folder / name
     payload["README.md"] = model_card(run_dir, phase, repo_id).encode("utf-8")
     return payload
 

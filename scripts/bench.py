@@ -7,10 +7,12 @@ Ratios are measured side by side in one process (absolute times on shared machin
   feature_cache      encoder time on the second epoch (cached) / first epoch
   methods            MoInCL training step / sequential fine-tuning step on the same batch, and peak RSS
                      (one process each; the teacher is a second adapter, not a second model)
+  moe_lora           MoE LoRA (10 experts, top-2) / one LoRA of the same rank: forward of the whole model and
+                     of one adapted q_proj, same batch (only with --moe)
   e2e_quick, e2e_default   wall time of `micl train recipes/quick.yaml` / `recipes/finetune.yaml`
                      (only with --e2e; subprocesses, fresh output folders)
 
-    python scripts/bench.py [--e2e] [--out bench_results.json]
+    python scripts/bench.py [--e2e] [--moe] [--out bench_results.json]
 """
 
 from __future__ import annotations
@@ -205,6 +207,55 @@ def bench_methods(threads: int) -> dict:
     return rows
 
 
+def bench_moe(repeats: int = 7, batch_size: int = 8, length: int = 128) -> dict:
+    """MoE LoRA (E = 10 experts, top-2, token routing) vs one LoRA of the same rank (r = 8, q/v), embedded
+    default, the same training batch: whole-model forward (training mode, autograd on) and one adapted
+    q_proj alone on the same hidden states ([batch, length, 576]); medians of interleaved repeats."""
+    from micl.adapters.moe_lora import MoeLoraConfig, moe_layers
+    from micl.config import LoraArgs
+    from micl.modeling.llm import load_llm
+    from micl.modeling.multimodal import MultimodalLM
+    from micl.modeling.prompting import PromptBuilder
+
+    torch.manual_seed(0)
+    lora = LoraArgs(dropout=0.0)
+    llm, tokenizer = load_llm("smollm2-135m-instruct")
+    single = MultimodalLM.with_lora(llm, tokenizer, {"image": 1280}, lora)
+    llm2, _ = load_llm("smollm2-135m-instruct")
+    moe_config = MoeLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0,
+                               target_modules=list(lora.target_modules), task_type="CAUSAL_LM", num_experts=10,
+                               top_k=2, routing="token", init_weights=False)
+    moe = MultimodalLM.with_adapter(llm2, tokenizer, {"image": 1280}, moe_config)
+    moe.projectors.load_state_dict(single.projectors.state_dict())
+    batch = training_batch(single, PromptBuilder(tokenizer, ""), batch_size, length)
+    single.train(), moe.train()
+
+    def forward(model):
+        return lambda: model(**batch).loss
+
+    name, moe_layer = next(iter(moe_layers(moe.llm).items()))
+    lora_layer = dict(single.llm.named_modules())[name]
+    hidden = torch.randn(batch_size, length, moe_layer.in_features)
+    base = lora_layer.base_layer
+    model_cases = {"model_lora": forward(single), "model_moe": forward(moe)}
+    layer_cases = {"layer_lora": lambda: lora_layer(hidden), "layer_moe": lambda: moe_layer(hidden),
+                   "layer_base": lambda: base(hidden)}
+    times = {}
+    for cases, n in ((model_cases, repeats), (layer_cases, 10 * repeats)):  # a layer call is ~250x shorter
+        for fn in cases.values():  # warm-up
+            fn()
+        times.update({key: [] for key in cases})
+        for _ in range(n):  # interleaved so machine noise hits all alike
+            for key, fn in cases.items():
+                times[key] += timed(fn, 1)
+    med = {key: statistics.median(values) for key, values in times.items()}
+    return {"median_s": med, "model_ratio": med["model_moe"] / med["model_lora"],
+            "layer_ratio": med["layer_moe"] / med["layer_lora"],
+            "adapter_only_ratio": ((med["layer_moe"] - med["layer_base"])
+                                   / max(med["layer_lora"] - med["layer_base"], 1e-9)),
+            "batch": [batch_size, length], "experts": 10, "top_k": 2, "r": lora.r, "repeats": repeats}
+
+
 def bench_e2e(preset: str) -> dict:
     recipe = {"quick": "quick.yaml", "default": "finetune.yaml"}[preset]
     with tempfile.TemporaryDirectory() as tmp:
@@ -238,6 +289,8 @@ def main() -> None:
     parser.add_argument("--e2e", action="store_true", help="also time whole `micl train` runs (minutes)")
     parser.add_argument("--distributed", action="store_true",
                         help="also run scripts/bench_distributed.py (ZeRO-3 memory, 1 vs 2 processes; minutes)")
+    parser.add_argument("--moe", action="store_true",
+                        help="also time MoE LoRA (10 experts, top-2) vs one LoRA of the same rank (~2 min)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench_results.json")
     parser.add_argument("--method-step", help=argparse.SUPPRESS)  # child process of bench_methods
@@ -262,6 +315,8 @@ def main() -> None:
     results["generation"] = bench_generation(model, builder)
     results["feature_cache"] = bench_feature_cache()
     results["methods"] = bench_methods(args.threads)
+    if args.moe:
+        results["moe_lora"] = bench_moe()
     if args.e2e:
         results["e2e_quick"] = bench_e2e("quick")
         results["e2e_default"] = bench_e2e("default")
@@ -278,6 +333,13 @@ def main() -> None:
     ]
     rows.append(("MoInCL step / fine-tuning step", f"{results['methods']['step_ratio']:.2f}", "<= 1.3"))
     rows.append(("MoInCL peak RSS / fine-tuning", f"{results['methods']['rss_ratio']:.2f}", "<= 1.1"))
+    if "moe_lora" in results:
+        rows.append(("MoE LoRA (E=10, top-2) / LoRA forward: whole model", f"{results['moe_lora']['model_ratio']:.2f}",
+                     "<= 1.5"))
+        rows.append(("MoE LoRA / LoRA forward: adapted q_proj (base + adapter)",
+                     f"{results['moe_lora']['layer_ratio']:.2f}", ""))
+        rows.append(("MoE LoRA / LoRA forward: adapter path alone (layer - base)",
+                     f"{results['moe_lora']['adapter_only_ratio']:.2f}", ""))
     for modality, row in results["feature_cache"].items():
         rows.append((f"{modality} encoder time epoch 2 / epoch 1", f"{row['ratio']:.4f}", "~0"))
     for preset, target in (("quick", "<= 180 s"), ("default", "<= 900 s")):

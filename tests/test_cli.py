@@ -44,3 +44,22 @@ def test_compare_runs_methods_and_orders_and_writes_the_table(tiny_models, synth
     assert "| finetune | quick |" in text and (out / "compare.png").stat().st_size > 0
     run = json.loads((out / "finetune-quick" / "results.json").read_text())
     assert table["runs"][0]["average"] == run["average"]
+
+    # --skip-missing tabulates what is finished and trains nothing (lwf was never run here)
+    lwf = str(REPO / "recipes" / "lwf.yaml")
+    assert main(["compare", *recipes, lwf, "--orders", "quick", "--out", str(out), "--skip-missing",
+                 "--set", *overrides]) == 0
+    assert [r["method"] for r in json.loads((out / "compare.json").read_text())["runs"]] == ["finetune", "moincl"]
+    assert not (out / "lwf-quick").exists()
+
+    # a run written before a setting existed (here lora.type and the moe_lora keys) is still the same run
+    config_file = out / "finetune-quick" / "run_config.json"
+    stored = json.loads(config_file.read_text())
+    for key in ("type", "num_experts", "top_k", "routing"):
+        del stored["lora"][key]
+    config_file.write_text(json.dumps(stored))
+    assert main(["compare", recipes[0], "--orders", "quick", "--out", str(out), "--set", *overrides]) == 0
+    # ... but a changed value is not
+    stored["lora"]["r"] = 4
+    config_file.write_text(json.dumps(stored))
+    assert main(["compare", recipes[0], "--orders", "quick", "--out", str(out), "--set", *overrides]) == 2

@@ -107,6 +107,24 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_matches_hand_computation():
     assert off.extra_loss(model, {}, None, ctx) is None
 
 
+
+def test_parameter_frozen_after_its_fisher_is_left_out_and_a_missing_one_is_an_error():
+    """e.g. an expert frozen by moe_adapters after EWC estimated its Fisher: it cannot move any more."""
+    model = Tiny()
+    ctx = SimpleNamespace(model=model)
+    ewc = EWC(EWCArgs(lambda_ewc=2.0))
+    fisher = {"a.weight": torch.ones(2, 3), "a.bias": torch.ones(2)}
+    anchor = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    ewc.load_state_dict({"mode": "online", "terms": [{"task": "t0", "fisher": fisher, "anchor": anchor}]})
+    model.a.bias.requires_grad_(False)
+    penalty = ewc.extra_loss(model, {}, None, ctx)
+    assert penalty.item() == pytest.approx(float((model.a.weight.detach() ** 2).sum()), rel=1e-6)
+    gone = EWC(EWCArgs())
+    gone.load_state_dict({"mode": "online", "terms": [{"task": "t0", "fisher": {"b.weight": torch.ones(1)},
+                                                       "anchor": {"b.weight": torch.zeros(1)}}]})
+    with pytest.raises(RuntimeError, match="b.weight"):
+        gone.extra_loss(model, {}, None, ctx)
+
 def tiny_task_dataset(model, builder, synth_root, task_name, n=8):
     task = get_task(task_name)
     dims = model.media_dims

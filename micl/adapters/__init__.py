@@ -12,6 +12,8 @@ from __future__ import annotations
 from peft import LoraConfig, PeftConfig
 
 from ..errors import ConfigError
+from . import gated_lora  # noqa: F401
+from . import moe_lora  # noqa: F401
 
 
 def build_peft_config(lora_args) -> PeftConfig:
@@ -23,7 +25,9 @@ def build_peft_config(lora_args) -> PeftConfig:
     if lora_args.type == "gated_lora":
         from .gated_lora import GatedLoraConfig
 
-        return GatedLoraConfig(**common)
+        if not 0.0 < lora_args.gate_init < 1.0:
+            raise ConfigError(f"lora.gate_init must be in (0, 1) (omega = sigmoid(gate)), got {lora_args.gate_init!r}")
+        return GatedLoraConfig(**common, gate_init=lora_args.gate_init)
     if lora_args.type == "moe_lora":
         from .moe_lora import MoeLoraConfig
 

@@ -7,11 +7,13 @@ from ..errors import ConfigError
 from .base import ContinualMethod, StepContext
 from .ewc import EWC
 from .finetune import Finetune
+from .harmony import Harmony
 from .lwf import LwF
+from .moe_adapters import MoeAdapters
 from .moincl import MoInCL
 from .replay import Replay
 
-METHODS: dict[str, type[ContinualMethod]] = {cls.name: cls for cls in (Finetune, LwF, EWC, Replay, MoInCL)}
+METHODS: dict[str, type[ContinualMethod]] = {cls.name: cls for cls in (Finetune, LwF, EWC, Replay, MoInCL, MoeAdapters, Harmony)}
 
 
 def register_method(cls: type[ContinualMethod]) -> type[ContinualMethod]:
@@ -35,6 +37,8 @@ def build_methods(config: RecipeConfig, source: str = "recipe") -> list[Continua
             methods.append(cls())
         else:
             methods.append(cls(build_dataclass(cls.Args, values, source, f"method_args.{name}.")))
+    for method in methods:
+        method.check_recipe(config, source)
     return methods
 
 

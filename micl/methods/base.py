@@ -44,6 +44,10 @@ class ContinualMethod:
     def __init__(self, args=None):
         self.args = args
 
+    def check_recipe(self, config, source: str) -> None:
+        """Called when the recipe is loaded, before anything runs: raise ConfigError (naming `source` and
+        the key) for settings this method cannot work with, e.g. another method's required adapter type."""
+
     def on_task_start(self, ctx: StepContext) -> None:
         """Called once before the step's training."""
 

@@ -157,8 +157,12 @@ class EWC(ContinualMethod):
     def extra_loss(self, model, batch: dict, outputs, ctx: StepContext):
         if not self.terms or self.args.lambda_ewc == 0:
             return None
-        params = trainable_parameters(ctx.model if ctx is not None and ctx.model is not None else model)
-        missing = sorted({n for t in self.terms for n in t["fisher"] if n not in params})
+        current = ctx.model if ctx is not None and ctx.model is not None else model
+        params = trainable_parameters(current)
+        # a parameter frozen since its Fisher was estimated (e.g. an expert frozen by moe_adapters) cannot
+        # move: its penalty is a constant and is left out; one that is gone from the model is an error
+        existing = {name for name, _ in current.named_parameters()}
+        missing = sorted({n for t in self.terms for n in t["fisher"] if n not in existing})
         if missing:
             raise RuntimeError(f"ewc: the model has no trainable parameter {missing[0]!r} "
                                f"(and {len(missing) - 1} more) that the Fisher was estimated on")
@@ -166,8 +170,8 @@ class EWC(ContinualMethod):
         if self._device_terms is None or self._device_terms[0] != device:
             # names with an all-zero Fisher (e.g. the projector of a modality not seen yet) add nothing
             self._device_terms = (device, [
-                ({n: f.to(device) for n, f in t["fisher"].items() if f.any()},
-                 {n: t["anchor"][n].to(device) for n, f in t["fisher"].items() if f.any()})
+                ({n: f.to(device) for n, f in t["fisher"].items() if f.any() and n in params},
+                 {n: t["anchor"][n].to(device) for n, f in t["fisher"].items() if f.any() and n in params})
                 for t in self.terms
             ])
         penalty = ewc_penalty(params, self._device_terms[1])

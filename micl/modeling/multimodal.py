@@ -8,11 +8,16 @@ Saved layout (one folder per phase):
     adapter/                  PEFT adapter (PeftModel.from_pretrained(base_llm, folder/"adapter"))
     projectors.safetensors    projector weights, keys "<modality>.<param>"
     micl_model.json           model settings needed to rebuild the wrapper (LLM id, dims, token counts)
+    base_updates.safetensors  only if a method folded low-rank updates into the frozen base weights
+                              (`merge_low_rank`, micl/modeling/low_rank.py): replayed on load, in order
+    media_modulator.safetensors  only with a `media_modulator` (a module applied to the projected media
+                              tokens; its class and settings are in micl_model.json)
 A phase pushed to the Hub (micl/hub.py) has the adapter files at the repo root instead.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -23,9 +28,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import MiclError
+from .low_rank import (UPDATES_FORMAT, apply_low_rank_update, same_update, updates_from_tensors,
+                       updates_to_tensors)
 from .projectors import build_projectors
 
 PROJECTORS_FILE = "projectors.safetensors"
+UPDATES_FILE = "base_updates.safetensors"
+MODULATOR_FILE = "media_modulator.safetensors"
 MODEL_CONFIG_FILE = "micl_model.json"
 ADAPTER_DIR = "adapter"
 
@@ -48,6 +57,10 @@ class MultimodalLM(nn.Module):
         llm_dim = llm.get_input_embeddings().embedding_dim
         self.projectors = build_projectors(self.media_dims, llm_dim, projector_hidden)
         self.projectors.to(next(llm.parameters()).dtype)
+        # optional: a module mapping {modality: projected tokens [n, T, d]} to the same, applied in `embed`
+        # (it must have `modulator_config()` -> JSON kwargs of its class, to be rebuilt from a phase folder)
+        self.media_modulator = None
+        self.low_rank_updates: list[dict] = []  # folded into the base weights, in order (merge_low_rank)
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -76,12 +89,16 @@ class MultimodalLM(nn.Module):
         embeds = self.llm.get_input_embeddings()(input_ids)
         if not media_features:
             return embeds
-        pieces = []
+        projected = {}
         for modality, features in media_features.items():
             if modality not in self.projectors:
                 raise MiclError(f"no projector for modality {modality!r}; known: {', '.join(self.projectors)}")
-            projected = self.projectors[modality](features.to(embeds.dtype))
-            pieces.extend(zip(media_rows[modality].tolist(), projected))
+            projected[modality] = self.projectors[modality](features.to(embeds.dtype))
+        if self.media_modulator is not None:
+            projected = self.media_modulator(projected)
+        pieces = []
+        for modality, tokens in projected.items():
+            pieces.extend(zip(media_rows[modality].tolist(), tokens))
         # masked_scatter fills the placeholders in row-major order, so the media go in by row.
         pieces.sort(key=lambda item: item[0])
         media = torch.cat([p for _, p in pieces], dim=0)
@@ -139,6 +156,51 @@ class MultimodalLM(nn.Module):
             for name, value in state.items():
                 own[name].copy_(value)
 
+    # ---- base-weight updates and media modulator ------------------------------------------------------
+    @torch.no_grad()
+    def merge_low_rank(self, update: dict) -> None:
+        """Folds {weight name in self.llm: (up, down, scale)} into the frozen base weights (W += up @ down *
+        scale) and records it, so that saved phases replay it (micl/modeling/low_rank.py)."""
+        update = {name: tuple(t.detach().cpu().clone() for t in factors) for name, factors in update.items()}
+        apply_low_rank_update(self.llm, update)
+        self.low_rank_updates.append(update)
+
+    def _replay_low_rank(self, updates: list[dict], folder) -> None:
+        done = self.low_rank_updates
+        if len(done) > len(updates) or not all(same_update(a, b) for a, b in zip(done, updates)):
+            raise MiclError(f"{folder}: this model's base weights already hold low-rank updates that this phase "
+                            f"does not start with; load the phase into a freshly built model")
+        for update in updates[len(done):]:
+            self.merge_low_rank(update)
+
+    def set_media_modulator(self, module) -> None:
+        if module is not None:
+            module.to(device=self.device, dtype=next(self.projectors.parameters()).dtype)
+        self.media_modulator = module
+
+    @staticmethod
+    def _build_modulator(spec: dict):
+        module_name, _, qualname = spec["class"].partition(":")
+        if module_name.split(".")[0] != "micl":  # micl_model.json may come from the Hub: no arbitrary imports
+            raise MiclError(f"media_modulator class {spec['class']!r} is not part of micl; refusing to import it")
+        cls = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            cls = getattr(cls, part)
+        return cls(**spec.get("config", {}))
+
+    def _load_extras(self, folder: Path, settings: dict) -> None:
+        """Base-weight updates and media modulator of a saved phase (absent files: nothing to do)."""
+        updates_file = folder / UPDATES_FILE
+        self._replay_low_rank(updates_from_tensors(load_file(str(updates_file))) if updates_file.is_file() else [],
+                              folder)
+        spec = settings.get("media_modulator")
+        if spec is None:
+            self.media_modulator = None
+            return
+        module = self._build_modulator(spec)
+        module.load_state_dict(load_file(str(folder / MODULATOR_FILE)))
+        self.set_media_modulator(module)
+
     # ---- save / load ---------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> None:
         folder = Path(folder)
@@ -149,6 +211,15 @@ class MultimodalLM(nn.Module):
         save_file(projectors, str(tmp))
         os.replace(tmp, folder / PROJECTORS_FILE)
         settings = {"media_dims": self.media_dims, **self.settings}
+        if self.low_rank_updates:
+            save_file(updates_to_tensors(self.low_rank_updates), str(folder / UPDATES_FILE),
+                      metadata={"format": UPDATES_FORMAT, "count": str(len(self.low_rank_updates))})
+        if self.media_modulator is not None:
+            cls = type(self.media_modulator)
+            settings["media_modulator"] = {"class": f"{cls.__module__}:{cls.__qualname__}",
+                                           "config": self.media_modulator.modulator_config()}
+            state = {k: v.detach().contiguous().cpu() for k, v in self.media_modulator.state_dict().items()}
+            save_file(state, str(folder / MODULATOR_FILE))
         (folder / MODEL_CONFIG_FILE).write_text(json.dumps(settings, indent=2))
 
     def load_phase(self, folder: str | Path) -> None:
@@ -160,6 +231,7 @@ class MultimodalLM(nn.Module):
         adapter_weights = load_peft_weights(str(folder / ADAPTER_DIR), device="cpu")
         set_peft_model_state_dict(self.llm, adapter_weights)
         self.projectors.load_state_dict(load_file(str(folder / PROJECTORS_FILE)))
+        self._load_extras(folder, json.loads((folder / MODEL_CONFIG_FILE).read_text()))
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, llm=None, tokenizer=None, is_trainable: bool = False,
@@ -189,8 +261,12 @@ class MultimodalLM(nn.Module):
         adapter = folder / ADAPTER_DIR if (folder / ADAPTER_DIR).is_dir() else folder
         peft_llm = PeftModel.from_pretrained(llm, str(adapter), is_trainable=is_trainable)
         media_dims = settings.pop("media_dims")
+        modulator = settings.pop("media_modulator", None)
         model = cls(peft_llm, tokenizer, media_dims, settings.get("projector_hidden"), settings)
         model.projectors.load_state_dict(load_file(str(folder / PROJECTORS_FILE)))
+        model._load_extras(folder, {"media_modulator": modulator})
         if not is_trainable:
             model.projectors.requires_grad_(False)
+            if model.media_modulator is not None:
+                model.media_modulator.requires_grad_(False)
         return model

@@ -76,6 +76,17 @@ def _checkpoint_complete(folder: Path) -> bool:
     return optimizer and all((folder / name).is_file() for name in ("trainable.safetensors", "trainer_state.json"))
 
 
+def _with_defaults(stored: dict) -> dict:
+    """A stored run_config with the settings added to micl after it was written filled in at their
+    defaults: a run made before a new setting existed (e.g. `lora.type`) still resumes."""
+    defaults = RecipeConfig().to_dict()
+    filled = dict(stored)
+    for key, value in defaults.items():
+        if isinstance(value, dict) and isinstance(stored.get(key), dict) and key != "method_args":
+            filled[key] = {**value, **stored[key]}
+    return filled
+
+
 class ContinualRun:
     def __init__(self, config: RecipeConfig, source: str = "recipe"):
         self.config = config
@@ -98,7 +109,7 @@ class ContinualRun:
         resolved["order"] = [t.name for t in self.tasks]
         path = self.out / "run_config.json"
         if path.is_file():
-            previous = json.loads(path.read_text())
+            previous = _with_defaults(json.loads(path.read_text()))
             changed = [k for k in RUN_IDENTITY_KEYS if previous.get(k) != resolved.get(k)]
             if changed:
                 raise ConfigError(

@@ -1,0 +1,165 @@
+"""The moe_adapters method (micl/methods/moe_adapters.py) over the moe_lora tuner."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, tiny_recipe_overrides
+from micl.cli import main
+from micl.errors import ConfigError
+from micl.methods import METHODS
+from micl.methods.moe_adapters import MoeAdapters, MoeAdaptersArgs, alignment_loss, preservation_kl
+
+RECIPE = str(REPO / "recipes" / "moe_adapters.yaml")
+ORDER = "order=[synth_image_caption,synth_audio_qa]"
+
+
+def run(tiny_models, synth_root, out, *extra):
+    return main(["train", RECIPE, *tiny_recipe_overrides(tiny_models, synth_root, out), "eval.forward_transfer=false",
+                 "lora.num_experts=4", "lora.top_k=2", "lora.dropout=0.0",
+                 "method_args.moe_adapters.freeze_threshold=0.3", "method_args.moe_adapters.memory_size=8",
+                 "method_args.moe_adapters.preserve_batch_size=4", *extra])
+
+
+def test_preservation_loss_is_zero_for_the_same_model_and_positive_otherwise():
+    torch.manual_seed(0)
+    old = torch.randn(6, 16)
+    assert preservation_kl(old, old.clone(), 0.1).item() == pytest.approx(0.0, abs=1e-7)
+    assert preservation_kl(old, 3 * old, 0.1).item() == pytest.approx(0.0, abs=1e-6)  # cosine: scale-free
+    new = old + 0.5 * torch.randn(6, 16)
+    assert preservation_kl(old, new, 0.1).item() > 1e-3
+    new.requires_grad_(True)
+    preservation_kl(old, new, 0.1).backward()
+    assert new.grad.abs().sum() > 0
+
+
+def test_alignment_loss_zero_when_every_token_agrees_and_pulls_modalities_toward_the_joint():
+    attention = torch.tensor([[0, 1, 1, 1, 1, 1]])
+    media = torch.tensor([[0, 1, 1, 0, 0, 0]]).bool()
+    labels = torch.tensor([[-100, -100, -100, -100, 5, 6]])
+    same = torch.ones(1, 6, 8)
+    assert alignment_loss(same, attention, media, labels).item() == pytest.approx(0.0, abs=1e-6)
+    hidden = torch.randn(1, 6, 8, requires_grad=True)
+    loss = alignment_loss(hidden, attention, media, labels)
+    assert loss.item() > 0
+    loss.backward()
+    assert hidden.grad[0, 4:].abs().sum() == 0  # target tokens are not part of any representation
+    assert alignment_loss(hidden, attention, torch.zeros_like(media), labels) is None  # no media: no term
+
+
+def test_args_validation():
+    with pytest.raises(ConfigError, match="freeze_threshold"):
+        MoeAdaptersArgs(freeze_threshold=1.5)
+    with pytest.raises(ConfigError, match="preserve_batch_size"):
+        MoeAdaptersArgs(preserve_batch_size=1)
+
+
+class Spy(MoeAdapters):
+    name = "moe_adapters"
+    losses: list = []
+
+    frozen_untouched: list = []
+
+    def preservation_loss(self, model, batch, ctx):
+        loss = super().preservation_loss(model, batch, ctx)
+        Spy.losses.append((ctx.step, None if loss is None else loss.item()))
+        # during training (not only after the guard restores them): no gradient flag, no gradient
+        frozen = self._frozen_params(model)
+        Spy.frozen_untouched.append((ctx.step, len(frozen), all(not p.requires_grad and p.grad is None
+                                                                for p in frozen)))
+        return loss
+
+
+def test_two_task_run_freezes_experts_bit_exactly_and_records_statistics(tiny_models, synth_root, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setitem(METHODS, "moe_adapters", Spy)
+    Spy.losses, Spy.frozen_untouched = [], []
+    out = tmp_path / "run"
+    assert run(tiny_models, synth_root, out, ORDER) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] and len(results["matrix"]) == 2
+
+    record = json.loads((out / "moe_adapters" / "step_0_synth_image_caption.json").read_text())
+    units_total = 0
+    for name, layer in record["layers"].items():
+        assert sum(layer["counts"]) == 2 * layer["units"]  # top_k activations per routed token
+        units_total += layer["units"]
+        assert layer["newly_frozen"] == [e for e, f in enumerate(layer["frequency"]) if f > 0.3]
+    assert units_total > 0 and record["frozen_experts"] > 0
+    frozen = {name: layer["frozen"] for name, layer in record["layers"].items()}
+
+    # a frozen expert's weights are bit-identical after the second task; unfrozen ones moved
+    before = load_file(str(out / "step_0_synth_image_caption" / "adapter" / "adapter_model.safetensors"))
+    after = load_file(str(out / "step_1_synth_audio_qa" / "adapter" / "adapter_model.safetensors"))
+    same, moved = 0, 0
+    for name, ids in frozen.items():
+        for e in range(4):
+            for part in ("A", "B"):
+                key = f"base_model.model.{name.removeprefix('base_model.model.')}.moe_lora_{part}.{e}"
+                if e in ids:
+                    assert torch.equal(before[key], after[key]), key
+                    same += 1
+                else:
+                    moved += not torch.equal(before[key], after[key])
+    assert same > 0 and moved > 0
+    assert any(after[k].any() for k in after if k.endswith("moe_lora_frozen"))
+
+    assert all(ok for _, _, ok in Spy.frozen_untouched)
+    assert [n > 0 for step, n, _ in Spy.frozen_untouched] == [step == 1 for step, _, _ in Spy.frozen_untouched]
+    # the preservation loss runs from the second task on, on the memory of the first
+    assert all(loss is None for step, loss in Spy.losses if step == 0)
+    second = [loss for step, loss in Spy.losses if step == 1]
+    assert second and all(loss is not None and loss > -1e-6 for loss in second)
+    # the first batch of task 2 sees the model the old representations were stored with: exactly no loss
+    assert second[0] == pytest.approx(0.0, abs=1e-6)
+
+    # method state: frozen experts, memory and old representations, history; re-applied after a reload
+    state = torch.load(out / "step_1_synth_audio_qa" / "method_state.pt", weights_only=False)[0]
+    assert len(state["memory"]) == 8 and state["old_reps"].shape[0] == 8
+    assert len(state["history"]) == 2 and set(state["frozen"]) >= {k for k, v in frozen.items() if v}
+
+
+def test_composes_with_moincl_teacher_and_keeps_frozen_experts_exact(tiny_models, synth_root, tmp_path):
+    out = tmp_path / "run"
+    # QA after QA: no pseudo captions to generate (slow), but the teacher adapter, its forwards (instruction
+    # distillation) and the LoRA interpolation after every epoch all run
+    assert run(tiny_models, synth_root, out, "order=[synth_image_qa,synth_audio_qa]", "method=[moincl,moe_adapters]",
+               "method_args.moincl.instruction_k=1") == 0
+    record = json.loads((out / "moe_adapters" / "step_0_synth_image_qa.json").read_text())
+    before = load_file(str(out / "step_0_synth_image_qa" / "adapter" / "adapter_model.safetensors"))
+    after = load_file(str(out / "step_1_synth_audio_qa" / "adapter" / "adapter_model.safetensors"))
+    assert not any(".teacher" in k for k in after)
+    checked = 0
+    for name, layer in record["layers"].items():
+        for e in layer["frozen"]:
+            key = f"base_model.model.{name.removeprefix('base_model.model.')}.moe_lora_A.{e}"
+            assert torch.equal(before[key], after[key])
+            checked += 1
+    assert checked > 0
+
+
+def test_refused_without_the_moe_lora_tuner(tiny_models, synth_root, tmp_path, capsys):
+    assert run(tiny_models, synth_root, tmp_path / "run", "order=[synth_image_caption]", "lora.type=lora") == 2
+    assert "lora.type: moe_lora" in capsys.readouterr().err
+
+
+def test_state_round_trip_reapplies_freezing_at_task_start():
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from micl.adapters.moe_lora import MoeLoraConfig, moe_layers
+    from micl.methods.base import StepContext
+
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1))
+    model = get_peft_model(llm, MoeLoraConfig(r=2, target_modules=["q_proj"], num_experts=3, top_k=1))
+    name = next(iter(moe_layers(model)))
+    method = MoeAdapters()
+    method.load_state_dict({"frozen": {name: [2]}, "memory": [], "old_reps": None, "history": []})
+    method.on_task_start(StepContext(step=1, task=None, seen_tasks=[], model=model, train_dataset=None, run_dir=""))
+    layer = moe_layers(model)[name]
+    assert not layer.moe_lora_A["default"][2].requires_grad and layer.moe_lora_A["default"][1].requires_grad
+    assert method.state_dict()["frozen"] == {name: [2]}
