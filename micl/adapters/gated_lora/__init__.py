@@ -10,7 +10,7 @@ identity, as LoRA). Merging (PEFT's merge_adapter / merge_and_unload) adds omega
 unmerging subtracts it.
 
 Registered with PEFT's own `register_peft_method` under `PeftType.GATED_LORA` (added to PEFT's enum on
-import, see config.extend_peft_type), prefix "gated_lora_". After `import micl`,
+import, see micl/adapters/peft_types.py), prefix "gated_lora_". After `import micl`,
 `get_peft_model(llm, GatedLoraConfig(...))`, `save_pretrained` (a normal PEFT folder, adapter_config.json
 with "peft_type": "GATED_LORA") and `PeftModel.from_pretrained` work as for LoRA.
 
@@ -25,11 +25,11 @@ Phase-level merging ("parameter-level accumulation") is `low_rank_factors` + `Mu
 
 from peft.utils import register_peft_method
 
-from .config import GatedLoraConfig, extend_peft_type
+from .config import GatedLoraConfig
 from .layer import GatedLoraLayer, GatedLoraLinear
 from .model import GatedLoraModel, gated_lora_layers, low_rank_factors, reset_gated_lora
 
-__all__ = ["GatedLoraConfig", "GatedLoraLayer", "GatedLoraLinear", "GatedLoraModel", "extend_peft_type",
+__all__ = ["GatedLoraConfig", "GatedLoraLayer", "GatedLoraLinear", "GatedLoraModel",
            "gated_lora_layers", "low_rank_factors", "reset_gated_lora"]
 
 

@@ -9,26 +9,9 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from ..peft_types import extend_peft_type
+
 PEFT_TYPE_NAME = "GATED_LORA"
-
-
-def extend_peft_type(name: str) -> PeftType:
-    """Adds `name` to peft's `PeftType` enum (PEFT's own tuners are listed in the enum's source, and
-    `register_peft_method` requires `name.upper()` to be a member). A str-Enum member is a str, so
-    `PeftType.GATED_LORA`, `PeftType("GATED_LORA")`, `list(PeftType)` and the `"peft_type": "GATED_LORA"` of a
-    saved adapter_config.json all resolve to it. Idempotent."""
-    if name in PeftType.__members__:
-        return PeftType[name]
-    member = str.__new__(PeftType, name)
-    member._name_ = name
-    member._value_ = name
-    member.__objclass__ = PeftType
-    member._sort_order_ = len(PeftType._member_names_)
-    type.__setattr__(PeftType, name, member)
-    PeftType._member_map_[name] = member
-    PeftType._value2member_map_[name] = member
-    PeftType._member_names_.append(name)
-    return member
 
 
 extend_peft_type(PEFT_TYPE_NAME)

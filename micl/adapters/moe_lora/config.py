@@ -2,45 +2,19 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peft.config import PeftConfig
-from peft.utils import PeftType
 
 from ...errors import ConfigError
+from ..peft_types import extend_peft_type
 
 ROUTING_MODES = ("token", "sample")
 
 
 class MoeLoraConfigError(ConfigError, ValueError):
     """A bad MoeLoraConfig value: a micl ConfigError (one-line CLI message) and a ValueError (PEFT style)."""
-
-
-def extend_peft_type(name: str) -> PeftType:
-    """Adds `name` (upper case) to peft's `PeftType` enum if it is not there yet and returns the member.
-
-    `register_peft_method` requires `name.upper()` to be a PeftType member; PEFT's own tuners add theirs in
-    the enum's source. A str-Enum member is a str, so `PeftType("MOE_LORA")`, `PeftType.MOE_LORA`,
-    `list(PeftType)` and the `peft_type: "MOE_LORA"` of a saved adapter_config.json all resolve to it."""
-    if name in PeftType.__members__:
-        return PeftType[name]
-    member = str.__new__(PeftType, name)
-    member._name_ = name
-    member._value_ = name
-    member.__objclass__ = PeftType
-    if hasattr(PeftType, "_sort_order_"):  # pragma: no cover  (not on the Pythons seen here)
-        member._sort_order_ = len(PeftType._member_names_)
-    PeftType._member_map_[name] = member
-    PeftType._value2member_map_[name] = member
-    PeftType._member_names_.append(name)
-    try:
-        type.__setattr__(PeftType, name, member)
-    except (AttributeError, TypeError):  # pragma: no cover
-        pass
-    assert isinstance(PeftType(name), enum.Enum)
-    return member
 
 
 MOE_LORA = extend_peft_type("MOE_LORA")
