@@ -20,6 +20,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+
+def unwrap_model(model):
+    """The MultimodalLM inside a DataParallel / DDP wrapper (parameter names without 'module.')."""
+    while hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module):
+        model = model.module
+    return model
+
 
 @dataclass
 class StepContext:

@@ -32,7 +32,7 @@ import torch
 
 from ..errors import ConfigError
 from ..modeling.multimodal import move_to
-from .base import ContinualMethod, StepContext
+from .base import ContinualMethod, StepContext, unwrap_model
 
 FISHER_BATCH_SIZE = 4
 FORWARD_KEYS = ("input_ids", "attention_mask", "media_mask", "media_features", "media_rows", "labels")
@@ -64,15 +64,9 @@ class EWCArgs:
             raise ConfigError(f"'{prefix}decay' must be in (0, 1], got {self.decay!r}")
 
 
-def _unwrap(model):
-    """The MultimodalLM inside a DataParallel / DDP wrapper (parameter names without 'module.')."""
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module):
-        model = model.module
-    return model
-
 
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
-    return {name: p for name, p in _unwrap(model).named_parameters() if p.requires_grad}
+    return {name: p for name, p in unwrap_model(model).named_parameters() if p.requires_grad}
 
 
 def fisher_sample_indices(n: int, limit: int | None, seed: int, step: int) -> list[int]:
@@ -87,7 +81,7 @@ def estimate_fisher(model, dataset, collate_fn, indices: list[int],
 
     Keys are the names of the trainable parameters; values are float32 CPU tensors (zero where the loss
     does not depend on the parameter). The model is put in eval mode and its training mode restored."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     params = trainable_parameters(model)
     names = list(params)
     fisher = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
@@ -138,7 +132,7 @@ class EWC(ContinualMethod):
 
     # ---- hooks --------------------------------------------------------------------------------------
     def on_task_end(self, ctx: StepContext) -> None:
-        model = _unwrap(ctx.model)
+        model = unwrap_model(ctx.model)
         dataset = ctx.train_dataset
         indices = fisher_sample_indices(len(dataset), self.args.fisher_samples, ctx.seed, ctx.step)
         fisher = estimate_fisher(model, dataset, ctx.collate_fn, indices)

@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ConfigError
-from .base import ContinualMethod, StepContext
+from .base import ContinualMethod, StepContext, unwrap_model
 
 KEY = "method_args.harmony"
 
@@ -193,11 +193,6 @@ def hybrid_alignment_loss(z, y, prototype, lambda_align=1.5, lambda_con=0.8, lam
 
 
 # ---- the method --------------------------------------------------------------------------------------
-def _unwrap(model):
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
-        model = model.module
-    return model
-
 
 class Harmony(ContinualMethod):
     name = "harmony"
@@ -244,7 +239,7 @@ class Harmony(ContinualMethod):
     def on_task_start(self, ctx: StepContext) -> None:
         from ..utils.distributed import is_partitioned
 
-        model = _unwrap(ctx.model)
+        model = unwrap_model(ctx.model)
         self._adapter(model)
         if any(is_partitioned(p) for p in model.parameters()):
             raise ConfigError("method 'harmony' is not supported under DeepSpeed ZeRO-3 (it merges the adapter "
@@ -262,7 +257,7 @@ class Harmony(ContinualMethod):
             modulator.set_prototype(modality, proto["mean"], proto["std"])
 
     def extra_loss(self, model, batch: dict, outputs, ctx: StepContext):
-        modulator = _unwrap(ctx.model if ctx is not None and ctx.model is not None else model).media_modulator
+        modulator = unwrap_model(ctx.model if ctx is not None and ctx.model is not None else model).media_modulator
         if modulator is None or not modulator.records or self.args.lambda_align == 0:
             return None
         a, losses = self.args, []
@@ -276,7 +271,7 @@ class Harmony(ContinualMethod):
         return torch.stack(losses).mean() if losses else None
 
     def on_task_end(self, ctx: StepContext) -> None:
-        model = _unwrap(ctx.model)
+        model = unwrap_model(ctx.model)
         self._update_prototype(model, ctx)
         modulator = model.media_modulator
         for modality, proto in self.prototypes.items():

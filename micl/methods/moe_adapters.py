@@ -50,7 +50,8 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..modeling.multimodal import move_to
-from .base import ContinualMethod, StepContext
+from ..utils.io import atomic_write_json
+from .base import ContinualMethod, StepContext, unwrap_model
 from .replay import reservoir_sample
 
 FORWARD_KEYS = ("input_ids", "attention_mask", "media_mask", "media_features", "media_rows")
@@ -141,15 +142,10 @@ def preservation_kl(old_reps: torch.Tensor, new_reps: torch.Tensor, temperature:
 
 
 # ---- the method ------------------------------------------------------------------------------------------
-def _unwrap(model):
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module):
-        model = model.module
-    return model
-
 
 def _llm(model):
     """The PEFT model inside a MultimodalLM (or the model itself)."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     return model.llm if hasattr(model, "llm") else model
 
 
@@ -257,7 +253,7 @@ class MoeAdapters(ContinualMethod):
 
     def on_task_end(self, ctx: StepContext) -> None:
         self._restore_frozen()
-        model = _unwrap(ctx.model)
+        model = unwrap_model(ctx.model)
         layers, adapter = self.layers(model), self._adapter(model)
         counts = {name: layer.expert_counts(adapter) for name, layer in layers.items()}
         units = {name: layer.routed_units(adapter) for name, layer in layers.items()}
@@ -309,12 +305,7 @@ class MoeAdapters(ContinualMethod):
 
         if not ctx.run_dir or not is_main_process():
             return
-        folder = Path(ctx.run_dir) / "moe_adapters"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"step_{record['step']}_{record['task']}.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(path)
+        atomic_write_json(Path(ctx.run_dir) / "moe_adapters" / f"step_{record['step']}_{record['task']}.json", record)
 
     # ---- memory --------------------------------------------------------------------------------------
     def _update_memory(self, ctx: StepContext) -> None:
@@ -362,7 +353,7 @@ class MoeAdapters(ContinualMethod):
         if not self.memory:
             self.old_reps = None
             return
-        model = _unwrap(ctx.model)
+        model = unwrap_model(ctx.model)
         was_training = model.training
         model.eval()
         reps = []
