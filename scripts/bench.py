@@ -69,11 +69,10 @@ def training_batch(model, builder, batch_size: int, length: int, media_tokens: i
     filler = " ".join(["a red circle on the left and a blue square moving up."] * 40)
     examples = []
     for i in range(batch_size):
-        enc = builder.encode(f"describe the image. #{i}", "image", media_tokens, filler)
+        enc = builder.encode(f"describe the image. #{i}", {"image": media_tokens}, filler)
         keep = length
         examples.append({"input_ids": enc.input_ids[:keep], "labels": enc.labels[:keep],
-                         "media_mask": enc.media_mask[:keep], "modality": "image",
-                         "features": torch.randn(media_tokens, 1280)})
+                         "media_mask": enc.media_mask[:keep], "media": {"image": torch.randn(media_tokens, 1280)}})
     return MultimodalCollator(tokenizer.pad_token_id)(examples)
 
 
@@ -110,9 +109,9 @@ def bench_generation(model, builder, prompts=16, max_new_tokens=16) -> dict:
     torch.manual_seed(0)
     examples = []
     for i in range(prompts):
-        enc = builder.encode("describe the image.", "image", 9)
+        enc = builder.encode("describe the image.", {"image": 9})
         examples.append({"input_ids": enc.input_ids, "labels": None, "media_mask": enc.media_mask,
-                         "modality": "image", "features": torch.randn(9, 1280)})
+                         "media": {"image": torch.randn(9, 1280)}})
     collate = MultimodalCollator(model.tokenizer.pad_token_id)
     model.eval()
     batched_out = []
@@ -165,7 +164,7 @@ def method_step_child(method_name: str, steps: int = 6) -> dict:
     samples = [{"id": f"s{i}", "task": task.name, "modality": "image", "task_type": "qa", "media": "",
                 "instruction": "what color is the shape?", "target": "red", "references": ["red"]}
                for i in range(8)]
-    dataset = EncodedTaskDataset(samples, [torch.randn(9, 1280) for _ in samples], builder, load_templates(),
+    dataset = EncodedTaskDataset(samples, [{"image": torch.randn(9, 1280)} for _ in samples], builder, load_templates(),
                                  train=True)
     collate = MultimodalCollator(model.tokenizer.pad_token_id)
     caption_task = get_task("synth_image_caption")

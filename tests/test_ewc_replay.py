@@ -130,7 +130,7 @@ def tiny_task_dataset(model, builder, synth_root, task_name, n=8):
     dims = model.media_dims
     samples = load_task_split(synth_root, task_name, "train", n)
     torch.manual_seed(1)
-    features = [torch.randn(4, dims[task.modality]) for _ in samples]
+    features = [{task.modality: torch.randn(4, dims[task.modality])} for _ in samples]
     return task, EncodedTaskDataset(samples, features, builder, load_templates(), train=True, seed=0)
 
 

@@ -123,9 +123,9 @@ def media_batch(model):
     items = []
     for modality, instruction, target in (("image", "describe.", "a red circle."), ("audio", "what?", "a tone.")):
         features = torch.randn(4, DIMS[modality], generator=torch.Generator().manual_seed(len(items)))
-        encoded = builder.encode(instruction, modality, 4, target)
+        encoded = builder.encode(instruction, {modality: 4}, target)
         items.append({"input_ids": encoded.input_ids, "labels": encoded.labels, "media_mask": encoded.media_mask,
-                      "modality": modality, "features": features})
+                      "media": {modality: features}})
     return MultimodalCollator(model.tokenizer.pad_token_id)(items)
 
 
@@ -335,8 +335,8 @@ def test_prototype_is_pooled_over_phases_of_a_modality():
     first, second = [torch.randn(3, 4) for _ in range(5)], [torch.randn(3, 4) * 2 + 1 for _ in range(7)]
     method = Harmony()
     for features in (first, second):
-        ctx = type("C", (), {"task": type("T", (), {"modality": "image"})(), "train_dataset": Features(features)})()
-        method._update_prototype(model, ctx)
+        ctx = type("C", (), {"task": type("T", (), {"modality": "image"})(), "train_dataset": Features([{"image": f} for f in features])})()
+        method._update_prototype(model, ctx, "image")
     everything = torch.cat(first + second)
     proto = method.prototypes["image"]
     assert proto["count"] == 36

@@ -308,9 +308,9 @@ def _generate(model, seed: int = 0) -> list[str]:
     for modality, instruction in [("image", "describe the image."), ("audio", "what is the pitch?"),
                                   ("image", "what colour is the shape?")]:
         features = torch.randn(4, model.media_dims[modality], generator=generator)
-        enc = builder.encode(instruction, modality, 4)
+        enc = builder.encode(instruction, {modality: 4})
         examples.append({"input_ids": enc.input_ids, "labels": enc.labels, "media_mask": enc.media_mask,
-                         "modality": modality, "features": features})
+                         "media": {modality: features}})
     batch = MultimodalCollator(model.tokenizer.pad_token_id)(examples)
     return model.eval().generate(batch, max_new_tokens=6)
 

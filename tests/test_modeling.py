@@ -17,9 +17,9 @@ def build(tiny_models, dims=None):
 
 
 def example(builder, instruction, modality, features, target=None):
-    enc = builder.encode(instruction, modality, 0 if features is None else features.shape[0], target)
-    return {"input_ids": enc.input_ids, "labels": enc.labels, "media_mask": enc.media_mask,
-            "modality": modality, "features": features}
+    media = {} if features is None else {modality: features}
+    enc = builder.encode(instruction, {m: f.shape[0] for m, f in media.items()}, target)
+    return {"input_ids": enc.input_ids, "labels": enc.labels, "media_mask": enc.media_mask, "media": media}
 
 
 def test_projector_shapes():
@@ -31,7 +31,7 @@ def test_projector_shapes():
 
 def test_labels_only_on_target_and_eos(tiny_models):
     model, builder = build(tiny_models)
-    enc = builder.encode("describe the image.", "image", 4, "a red circle.")
+    enc = builder.encode("describe the image.", {"image": 4}, "a red circle.")
     tokenizer = model.tokenizer
     labelled = [t for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX]
     assert tokenizer.decode(labelled) == "a red circle." + tokenizer.eos_token
@@ -40,7 +40,7 @@ def test_labels_only_on_target_and_eos(tiny_models):
     # media placeholders sit right after the cue, inside the user turn
     first = enc.media_mask.index(True)
     assert tokenizer.decode(enc.input_ids[:first]).endswith("image: ")
-    prompt_only = builder.encode("describe the image.", "image", 4)
+    prompt_only = builder.encode("describe the image.", {"image": 4})
     assert all(l == IGNORE_INDEX for l in prompt_only.labels)
     assert prompt_only.input_ids == enc.input_ids[: len(prompt_only.input_ids)]
 

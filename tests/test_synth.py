@@ -10,7 +10,7 @@ from micl.data.media import load_audio, load_image, load_video
 from micl.data.schema import TASK_TYPES, MODALITIES, rows_to_dataset, validate_sample
 from micl.data.synth import SYNTH_TASKS, generate_synth
 from micl.data.tasks import get_task, load_task_split
-from micl.errors import ConfigError
+from micl.errors import ConfigError, DataError
 
 SMALL = dict(n_train=4, n_val=2, n_test=3)
 
@@ -27,11 +27,11 @@ def full(tmp_path_factory):
     return out, res, time.perf_counter() - t0
 
 
-def test_all_six_tasks_counts_and_manifest(full):
+def test_all_tasks_counts_and_manifest(full):
     out, res, seconds = full
     assert seconds < 10, f"generation took {seconds:.1f}s"
     assert res["tasks"] == list(SYNTH_TASKS) and res["generated"] == list(SYNTH_TASKS)
-    assert len(SYNTH_TASKS) == 6
+    assert len(SYNTH_TASKS) == 7
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["seed"] == 0
     assert manifest["counts"] == {"train": 64, "val": 16, "test": 24}
@@ -90,6 +90,9 @@ def test_media_files_load(full):
                 assert len(frames) == 4 and all(f.mode == "RGB" for f in frames)
                 assert 64 <= frames[0].size[0] <= 112
                 assert len(load_video(path, num_frames=8)) == 8
+                if r["modality"] == "audio_video":  # the sound is the video file's own audio track
+                    x = load_audio(path)
+                    assert 16000 <= len(x) <= 34000 and np.abs(x).max() > 0.1
 
 
 def test_qa_answers_are_balanced(full):
@@ -108,7 +111,7 @@ def test_qa_answers_are_balanced(full):
 
 def test_captions_are_diverse(full):
     out, _, _ = full
-    for task in ("synth_image_caption", "synth_audio_caption", "synth_video_caption"):
+    for task in ("synth_image_caption", "synth_audio_caption", "synth_video_caption", "synth_av_caption"):
         rows = load_task_split(out, task, "test")
         counts = collections.Counter(r["target"] for r in rows)
         assert counts.most_common(1)[0][1] <= 3, counts
@@ -124,6 +127,29 @@ def test_tasks_use_their_own_wording(full):
     assert "moving" in vocab["synth_video_caption"] and "moving" not in vocab["synth_image_caption"]
     assert "tone" in vocab["synth_audio_caption"] and "tone" not in vocab["synth_image_caption"]
     assert "beeps" in vocab["synth_audio_qa"] and "beeps" not in vocab["synth_video_qa"]
+    assert {"moving", "sound"} <= vocab["synth_av_caption"]  # its captions name what is seen and heard
+
+
+def test_av_sound_track_has_the_captioned_pitch(full):
+    out, _, _ = full
+    rows = [r for r in load_task_split(out, "synth_av_caption", "train") if " steady " in r["target"]]
+    assert len(rows) >= 8
+    expected = {"low": 250.0, "middle": 700.0, "high": 2000.0}
+    for r in rows:
+        x = load_audio(out / r["media"])
+        spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+        peak = np.fft.rfftfreq(len(x), 1 / 16000)[spectrum.argmax()]
+        pitch = next(p for p in expected if f" {p} steady " in r["target"])
+        assert abs(np.log(peak / expected[pitch])) < 0.15, (r["target"], peak)
+
+
+def test_adding_the_av_task_left_the_other_tasks_unchanged(tmp_path):
+    old = [t for t in SYNTH_TASKS if t != "synth_av_caption"]
+    generate_synth(tmp_path / "a", seed=0, tasks=old, **SMALL)
+    generate_synth(tmp_path / "b", seed=0, **SMALL)
+    ta, tb = _tree(tmp_path / "a"), _tree(tmp_path / "b")
+    assert {k: v for k, v in tb.items() if k in ta and k != "manifest.json"} == \
+        {k: v for k, v in ta.items() if k != "manifest.json"}
 
 
 def test_deterministic_same_seed(tmp_path):
@@ -131,7 +157,7 @@ def test_deterministic_same_seed(tmp_path):
     b = generate_synth(tmp_path / "b", seed=3, **SMALL)
     assert a["generated"] == b["generated"] == list(SYNTH_TASKS)
     ta, tb = _tree(tmp_path / "a"), _tree(tmp_path / "b")
-    assert ta.keys() == tb.keys() and len(ta) == 6 * (9 + 3) + 1  # media + jsonl per task, manifest
+    assert ta.keys() == tb.keys() and len(ta) == 7 * (9 + 3) + 1  # media + jsonl per task, manifest
     assert ta == tb
 
 
@@ -183,5 +209,22 @@ def test_bad_arguments(tmp_path):
 
 
 def test_schema_constants():
-    assert MODALITIES == ("image", "audio", "video", "text")
+    assert MODALITIES == ("image", "audio", "video", "audio_video", "text")
     assert TASK_TYPES == ("caption", "qa")
+
+
+def test_media_streams_of_a_video_with_sound():
+    from micl.data.schema import media_streams
+
+    row = {"id": "a", "task": "t", "modality": "audio_video", "task_type": "caption", "media": "v.mp4",
+           "instruction": "", "target": "x", "references": ["x"]}
+    assert validate_sample(row, "f")["audio"] == ""  # optional key filled in
+    assert media_streams(validate_sample(row, "f")) == [("video", "v.mp4"), ("audio", "v.mp4")]
+    separate = validate_sample({**row, "audio": "v.wav"}, "f")
+    assert media_streams(separate) == [("video", "v.mp4"), ("audio", "v.wav")]
+    assert media_streams({**row, "modality": "image", "media": "i.png"}) == [("image", "i.png")]
+    assert media_streams({**row, "modality": "text", "media": ""}) == []
+    with pytest.raises(DataError, match="f: row id='a': key 'audio' is only for 'audio_video'"):
+        validate_sample({**row, "modality": "video", "audio": "v.wav"}, "f")
+    with pytest.raises(DataError, match="key 'audio' must be str"):
+        validate_sample({**row, "audio": 3}, "f")

@@ -1,5 +1,10 @@
 """Batches of encoded samples: left padding (one layout for training and generation), media features
-grouped per modality with the batch rows they belong to."""
+grouped per modality with the batch rows they belong to.
+
+An item: input_ids, labels, media_mask, media ({stream modality: features [tokens, dim]}, {} for text),
+optionally index (the sample's position in its dataset) and task (its task name). A row with two media
+(a video and its sound) is in both modalities' groups; when a batch has such rows it also carries
+`media_tasks` (the task name of every row), which a media modulator may use (per-task fusion routers)."""
 
 from __future__ import annotations
 
@@ -23,10 +28,9 @@ class MultimodalCollator:
             attention.append([0] * pad + [1] * len(example["input_ids"]))
             labels.append([IGNORE_INDEX] * pad + list(example.get("labels") or [IGNORE_INDEX] * len(example["input_ids"])))
             media_mask.append([False] * pad + list(example["media_mask"]))
-            features = example.get("features")
-            if features is not None:
-                grouped.setdefault(example["modality"], []).append(features)
-                rows.setdefault(example["modality"], []).append(row)
+            for modality, features in example["media"].items():
+                grouped.setdefault(modality, []).append(features)
+                rows.setdefault(modality, []).append(row)
         batch = {
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "attention_mask": torch.tensor(attention, dtype=torch.long),
@@ -38,4 +42,6 @@ class MultimodalCollator:
         if grouped:
             batch["media_features"] = {m: torch.stack(f) for m, f in grouped.items()}
             batch["media_rows"] = {m: torch.tensor(r, dtype=torch.long) for m, r in rows.items()}
+        if any(len(e["media"]) > 1 for e in examples):
+            batch["media_tasks"] = [e.get("task", "") for e in examples]
         return batch

@@ -15,6 +15,8 @@ from .prompts import render_instruction
 
 
 class EncodedTaskDataset(Dataset):
+    """`features[i]`: {stream modality: features [tokens, dim]} of sample i ({} for text-only samples)."""
+
     def __init__(self, samples, features, builder, templates, train: bool, seed: int = 0):
         if len(samples) != len(features):
             raise ValueError("one feature tensor per sample is required")
@@ -36,14 +38,11 @@ class EncodedTaskDataset(Dataset):
         sample = self.samples[index]
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
         instruction = render_instruction(sample, self.templates, train=self.train, rng=rng)
-        features: torch.Tensor | None = self.features[index]
-        tokens = 0 if features is None else features.shape[0]
-        encoded = self.builder.encode(instruction, sample["modality"], tokens, sample["target"] if self.train else None)
-        return {
-            "input_ids": encoded.input_ids,
-            "labels": encoded.labels,
-            "media_mask": encoded.media_mask,
-            "modality": sample["modality"],
-            "features": features,
-            "index": index,
-        }
+        return {**self.encode_item(index, instruction, sample["target"] if self.train else None), "index": index}
+
+    def encode_item(self, index: int, instruction: str, target: str | None) -> dict:
+        """A collator item for sample `index` with this instruction (and target, for training)."""
+        media: dict[str, torch.Tensor] = self.features[index]
+        encoded = self.builder.encode(instruction, {m: f.shape[0] for m, f in media.items()}, target)
+        return {"input_ids": encoded.input_ids, "labels": encoded.labels, "media_mask": encoded.media_mask,
+                "media": media, "task": self.samples[index]["task"]}

@@ -5,14 +5,22 @@ One sample is one row of a ``datasets.Dataset`` (or one JSON object per line of 
 
     id          str        unique within its file
     task        str        registered task name (``micl.data.tasks``)
-    modality    str        one of MODALITIES
+    modality    str        one of MODALITIES; ``audio_video`` = a video together with a sound
     task_type   str        one of TASK_TYPES
     media       str        path of the media file, relative to the dataset root
-                           (empty string for text-only samples)
+                           (empty string for text-only samples; the video for ``audio_video``)
     instruction str        QA: the question; captioning: "" (the prompt comes from
                            ``prompts/templates.yaml``)
     target      str        the training target
     references  list[str]  all reference answers / captions used for scoring
+
+Optional key (filled with its default when absent):
+
+    audio       str        ``audio_video`` only: path of the sound when it is a separate file; empty
+                           (the default) = the audio track of the ``media`` video
+
+``media_streams`` lists the media of a sample, one (stream modality, path) per encoder input, in the
+order the prompt shows them.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from typing import Any, Iterable, Mapping
 
 from micl.errors import DataError
 
-MODALITIES = ("image", "audio", "video", "text")
+MODALITIES = ("image", "audio", "video", "audio_video", "text")
 TASK_TYPES = ("caption", "qa")
 
 #: key -> python type of the value
@@ -35,6 +43,21 @@ FIELDS: dict[str, type] = {
     "target": str,
     "references": list,
 }
+#: optional key -> default value
+OPTIONAL_FIELDS: dict[str, str] = {"audio": ""}
+#: modality of a sample -> the modalities of its media streams, in prompt order (each has its own
+#: encoder and projector; micl.modeling.prompting.MEDIA_ORDER is the same order)
+STREAMS: dict[str, tuple[str, ...]] = {
+    "image": ("image",), "audio": ("audio",), "video": ("video",), "audio_video": ("video", "audio"), "text": (),
+}
+
+
+def media_streams(row: Mapping) -> list[tuple[str, str]]:
+    """(stream modality, media path relative to the dataset root) for each medium of a sample."""
+    paths = {"image": row["media"], "video": row["media"], "audio": row["media"]}
+    if row["modality"] == "audio_video":
+        paths["audio"] = row.get("audio") or row["media"]
+    return [(stream, paths[stream]) for stream in STREAMS[row["modality"]]]
 
 
 def validate_sample(row: Any, source: str) -> dict:
@@ -56,6 +79,13 @@ def validate_sample(row: Any, source: str) -> dict:
         if not isinstance(row[key], typ):
             raise DataError(f"{where}: key '{key}' must be {typ.__name__}, "
                             f"got {type(row[key]).__name__}")
+    for key, default in OPTIONAL_FIELDS.items():
+        if key not in row:
+            row = {**row, key: default}
+        elif not isinstance(row[key], str):
+            raise DataError(f"{where}: key '{key}' must be str, got {type(row[key]).__name__}")
+    if row["audio"] and row["modality"] != "audio_video":
+        raise DataError(f"{where}: key 'audio' is only for 'audio_video' samples (modality is {row['modality']!r})")
     if not row["id"].strip():
         raise DataError(f"{where}: empty id")
     if not row["task"].strip():
@@ -85,7 +115,7 @@ def features():
     """``datasets.Features`` for the schema (imports ``datasets`` lazily)."""
     from datasets import Features, Sequence, Value
 
-    feats = {k: Value("string") for k in FIELDS if k != "references"}
+    feats = {k: Value("string") for k in (*FIELDS, *OPTIONAL_FIELDS) if k != "references"}
     feats["references"] = Sequence(Value("string"))
     return Features(feats)
 
@@ -95,4 +125,6 @@ def rows_to_dataset(rows: Iterable[Mapping]):
     from datasets import Dataset
 
     rows = list(rows)
-    return Dataset.from_list([{k: r[k] for k in FIELDS} for r in rows], features=features())
+    keys = (*FIELDS, *OPTIONAL_FIELDS)
+    return Dataset.from_list([{k: r.get(k, OPTIONAL_FIELDS.get(k)) for k in keys} for r in rows],
+                             features=features())

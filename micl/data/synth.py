@@ -1,6 +1,7 @@
 """micl-synth: a small, deterministic multimodal benchmark generated in seconds.
 
-Six tasks (image / audio / video x captioning / QA) built from a tiny templated
+Six tasks (image / audio / video x captioning / QA), plus one audio-visual captioning task (a video
+with a sound track, described by both), built from a tiny templated
 vocabulary, so a 135M LLM with LoRA and a handful of pooled media tokens can learn each
 one in a few hundred steps, while each task's own phrasing and answer words make it
 easy to overwrite (forget) when the next task is trained. See docs/synth.md.
@@ -31,7 +32,7 @@ from micl.data.tasks import get_task
 from micl.errors import ConfigError
 
 GENERATOR_NAME = "micl-synth"
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"  # 1.1: synth_av_caption; videos converted to YUV by micl (run-to-run identical bytes)
 
 SYNTH_TASKS = (
     "synth_image_caption",
@@ -40,6 +41,7 @@ SYNTH_TASKS = (
     "synth_audio_qa",
     "synth_video_caption",
     "synth_video_qa",
+    "synth_av_caption",
 )
 SPLITS = ("train", "val", "test")
 DEFAULT_COUNTS = {"train": 64, "val": 16, "test": 24}
@@ -406,7 +408,24 @@ def _video_frames(rng, shape: str, color: str, direction: str) -> list[np.ndarra
     return frames
 
 
-def _save_mp4(frames: list[np.ndarray], path: Path, fps=VIDEO_FPS):
+def _yuv420p(rgb: np.ndarray) -> np.ndarray:
+    """RGB [H, W, 3] -> the planar YUV 4:2:0 layout of PyAV's from_ndarray [H * 3/2, W] (BT.601, limited
+    range). Converting here rather than in FFmpeg's swscale keeps the bytes identical from run to run:
+    swscale's result depended on the state of the process (seen as different files for the same frames)."""
+    x = rgb.astype(np.float64)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    y = 16 + (65.738 * r + 129.057 * g + 25.064 * b) / 256
+    u = 128 + (-37.945 * r - 74.494 * g + 112.439 * b) / 256
+    v = 128 + (112.439 * r - 94.154 * g - 18.285 * b) / 256
+    h, w = y.shape
+    sub = lambda c: c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3)).reshape(h // 4, w)  # noqa: E731
+    return np.clip(np.rint(np.concatenate([y, sub(u), sub(v)])), 0, 255).astype(np.uint8)
+
+
+def _save_mp4(frames: list[np.ndarray], path: Path, fps=VIDEO_FPS, sound: np.ndarray | None = None):
+    """H.264 (or MPEG-4 part 2) video; with `sound`, also a mono track at AUDIO_SR in Apple Lossless (ALAC):
+    integer coding gives the same bytes on every run, which FFmpeg's AAC encoder does not (its float code
+    depends on buffer alignment)."""
     import av
 
     h, w = frames[0].shape[:2]
@@ -416,11 +435,21 @@ def _save_mp4(frames: list[np.ndarray], path: Path, fps=VIDEO_FPS):
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
         s.options = {"crf": "16", "preset": "veryfast"} if codec == "libx264" else {"qscale": "2"}
         s.codec_context.thread_count = 1  # deterministic bytes, no thread start-up cost
+        if sound is not None:  # every stream must exist before the first packet is written
+            a = c.add_stream("alac", rate=AUDIO_SR)
+            a.layout, a.format = "mono", "s16p"
+            a.codec_context.thread_count = 1
         for fr in frames:
-            for pkt in s.encode(av.VideoFrame.from_ndarray(fr, format="rgb24")):
+            for pkt in s.encode(av.VideoFrame.from_ndarray(_yuv420p(fr), format="yuv420p")):
                 c.mux(pkt)
         for pkt in s.encode():
             c.mux(pkt)
+        if sound is not None:
+            pcm = (np.clip(sound, -1, 1) * 32767).astype(np.int16)[None]
+            frame = av.AudioFrame.from_ndarray(pcm, format="s16p", layout="mono")
+            frame.sample_rate = AUDIO_SR
+            for pkt in [*a.encode(frame), *a.encode(None)]:
+                c.mux(pkt)
 
 
 def _plan_video_caption(rng, n):
@@ -450,6 +479,27 @@ def _make_video_qa(attrs, rng, path: Path):
     return QUESTIONS["synth_video_qa"][q], a, _answer_refs(a)
 
 
+# ---------------------------------------------------------------------------- audio-visual
+
+
+def _plan_av_caption(rng, n):
+    return [{"shape": s, "color": c, "direction": d, "pitch": p, "pattern": pa} for s, c, d, p, pa in zip(
+        _balanced(rng, SHAPES, n), _balanced(rng, list(COLORS), n), _balanced(rng, DIRECTIONS, n),
+        _balanced(rng, list(PITCHES), n), _balanced(rng, PATTERNS, n))]
+
+
+def _make_av_caption(attrs, rng, path: Path):
+    """The moving shape of synth_video_caption with a tone of synth_audio_caption as its sound track; the
+    caption names both, so neither medium alone gives the whole answer."""
+    s, c, d, p, pa = attrs["shape"], attrs["color"], attrs["direction"], attrs["pitch"], attrs["pattern"]
+    frames = _video_frames(rng, s, c, d)
+    _save_mp4(frames, path, sound=_tone(rng, p, pa, int(rng.integers(2, 5))))
+    d0, d1, _, d3 = DIRECTION_PHRASES[d]
+    refs = [f"a {c} {s} {d0} with a {p} {pa} sound.", f"a {c} {s} {d1}, sounding a {p} {pa} tone.",
+            f"a {p} {pa} tone while a {c} {s} is {d0}.", f"{c} {s}, {d3}, {p} {pa} sound."]
+    return "", refs[0], refs
+
+
 _GENERATORS: dict[str, tuple[Callable, Callable, str]] = {
     "synth_image_caption": (_plan_image_caption, _make_image_caption, "png"),
     "synth_image_qa": (_plan_image_qa, _make_image_qa, "png"),
@@ -457,6 +507,7 @@ _GENERATORS: dict[str, tuple[Callable, Callable, str]] = {
     "synth_audio_qa": (_plan_audio_qa, _make_audio_qa, "wav"),
     "synth_video_caption": (_plan_video_caption, _make_video_caption, "mp4"),
     "synth_video_qa": (_plan_video_qa, _make_video_qa, "mp4"),
+    "synth_av_caption": (_plan_av_caption, _make_av_caption, "mp4"),
 }
 
 
@@ -479,7 +530,7 @@ def _check_args(seed, counts, tasks) -> list[str]:
         raise ConfigError(f"tasks: unknown synthetic task(s) {', '.join(map(str, bad))} "
                           f"(valid: {', '.join(SYNTH_TASKS)})")
     if not tasks:
-        raise ConfigError("tasks: empty list (give None for all six synthetic tasks)")
+        raise ConfigError("tasks: empty list (give None for all synthetic tasks)")
     return [t for t in SYNTH_TASKS if t in tasks]  # canonical order, no duplicates
 
 
@@ -583,7 +634,7 @@ def generate_synth(out_dir, seed: int = 0, n_train: int = DEFAULT_COUNTS["train"
         "media": {"image_size": IMAGE_SIZE, "audio_sampling_rate": AUDIO_SR,
                   "video_frames": VIDEO_FRAMES, "video_fps": VIDEO_FPS,
                   "video_sizes": list(VIDEO_SIZES), "video_codec": _video_codec()
-                  if any(t.startswith("synth_video") for t in all_tasks) else None},
+                  if any(t.startswith(("synth_video", "synth_av")) for t in all_tasks) else None},
     }
     _write_text_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     result = dict(manifest)

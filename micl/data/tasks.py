@@ -71,6 +71,7 @@ for _name, _mod, _tt, _metric in (
     ("synth_audio_qa", "audio", "qa", "exact_match"),
     ("synth_video_caption", "video", "caption", "caption"),
     ("synth_video_qa", "video", "qa", "exact_match"),
+    ("synth_av_caption", "audio_video", "caption", "caption"),
 ):
     register_task(TaskSpec(_name, _mod, _tt, _metric))
 
@@ -129,8 +130,3 @@ def load_task_split(data_root, task: str, split: str, max_samples: int | None = 
         keep = {r["id"] for r in sorted(rows, key=lambda r: _order_key(r["id"]))[:max_samples]}
         rows = [r for r in rows if r["id"] in keep]
     return rows
-
-
-def resolve_media(data_root, row: dict) -> Path:
-    """Absolute path of a row's media file."""
-    return Path(data_root) / row["media"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..config import RecipeConfig, build_dataclass
 from ..errors import ConfigError
+from .adaptive_fusion import AdaptiveFusionMethod
 from .base import ContinualMethod, StepContext
 from .ewc import EWC
 from .finetune import Finetune
@@ -13,7 +14,9 @@ from .moe_adapters import MoeAdapters
 from .moincl import MoInCL
 from .replay import Replay
 
-METHODS: dict[str, type[ContinualMethod]] = {cls.name: cls for cls in (Finetune, LwF, EWC, Replay, MoInCL, MoeAdapters, Harmony)}
+METHODS: dict[str, type[ContinualMethod]] = {
+    cls.name: cls for cls in (Finetune, LwF, EWC, Replay, MoInCL, MoeAdapters, Harmony, AdaptiveFusionMethod)
+}
 
 
 def register_method(cls: type[ContinualMethod]) -> type[ContinualMethod]:

@@ -31,11 +31,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError
-from ..modeling.multimodal import move_to
+from ..modeling.multimodal import model_inputs, move_to
 from .base import ContinualMethod, StepContext, unwrap_model
 
 FISHER_BATCH_SIZE = 4
-FORWARD_KEYS = ("input_ids", "attention_mask", "media_mask", "media_features", "media_rows", "labels")
 MODES = ("online", "separate")
 
 
@@ -62,7 +61,6 @@ class EWCArgs:
             raise ConfigError(f"'{prefix}mode' must be one of {', '.join(MODES)}, got {self.mode!r}")
         if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0 < self.decay <= 1:
             raise ConfigError(f"'{prefix}decay' must be in (0, 1], got {self.decay!r}")
-
 
 
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
@@ -94,7 +92,7 @@ def estimate_fisher(model, dataset, collate_fn, indices: list[int],
     try:
         for start in range(0, len(indices), batch_size):
             batch = collate_fn([dataset[i] for i in indices[start:start + batch_size]])
-            inputs = move_to({k: batch[k] for k in FORWARD_KEYS if k in batch}, device)
+            inputs = move_to(model_inputs(batch), device)
             with torch.enable_grad():
                 loss = model(**inputs).loss
                 grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)

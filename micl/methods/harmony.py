@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..data.schema import STREAMS
 from ..errors import ConfigError
 from .base import ContinualMethod, StepContext, unwrap_model
 
@@ -153,7 +154,7 @@ class FeatureModulator(nn.Module):
         attention = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(self.fusion_dim), dim=-1)
         return x + torch.tanh(self.fusion_gate).to(x.dtype) * self.out(attention @ v)
 
-    def forward(self, projected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, projected: dict[str, torch.Tensor], media_rows=None, media_tasks=None) -> dict[str, torch.Tensor]:
         self.records = []
         record = self.training and torch.is_grad_enabled()
         result = {}
@@ -272,7 +273,8 @@ class Harmony(ContinualMethod):
 
     def on_task_end(self, ctx: StepContext) -> None:
         model = unwrap_model(ctx.model)
-        self._update_prototype(model, ctx)
+        for modality in STREAMS[ctx.task.modality]:  # a video with its sound updates both prototypes
+            self._update_prototype(model, ctx, modality)
         modulator = model.media_modulator
         for modality, proto in self.prototypes.items():
             modulator.set_prototype(modality, proto["mean"], proto["std"])
@@ -286,11 +288,10 @@ class Harmony(ContinualMethod):
             self.merges += 1
 
     @torch.no_grad()
-    def _update_prototype(self, model, ctx: StepContext) -> None:
-        modality = ctx.task.modality
+    def _update_prototype(self, model, ctx: StepContext, modality: str) -> None:
         dataset = ctx.train_dataset
         if modality not in model.projectors or not len(dataset):
-            return  # text-only tasks have no media tokens
+            return
         indices = list(range(len(dataset)))
         if self.args.prototype_samples is not None:
             indices = indices[: self.args.prototype_samples]
@@ -301,7 +302,7 @@ class Harmony(ContinualMethod):
         dtype, device = next(projector.parameters()).dtype, next(projector.parameters()).device
         try:
             for start in range(0, len(indices), 32):
-                chunk = [dataset.features[i] for i in indices[start:start + 32]]
+                chunk = [dataset.features[i][modality] for i in indices[start:start + 32]]
                 tokens = torch.cat([projector(f.to(device, dtype).unsqueeze(0)).flatten(0, -2) for f in chunk])
                 tokens = tokens.cpu().double()  # accumulated in float64 on the CPU
                 total = tokens.sum(0) if total is None else total + tokens.sum(0)

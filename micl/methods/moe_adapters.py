@@ -49,12 +49,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..modeling.multimodal import move_to
+from ..modeling.multimodal import model_inputs, move_to
 from ..utils.io import atomic_write_json
 from .base import ContinualMethod, StepContext, unwrap_model
 from .replay import reservoir_sample
-
-FORWARD_KEYS = ("input_ids", "attention_mask", "media_mask", "media_features", "media_rows")
 
 
 @dataclass
@@ -342,7 +340,7 @@ class MoeAdapters(ContinualMethod):
 
     def _joint_reps(self, model, batch: dict, device) -> torch.Tensor:
         """Joint representations (mean final hidden state over the prompt tokens) of a memory batch."""
-        inputs = move_to({k: batch[k] for k in FORWARD_KEYS if k in batch}, device)
+        inputs = move_to({k: v for k, v in model_inputs(batch).items() if k != "labels"}, device)
         model(**inputs)
         hidden = self._capture.take()
         mask = prompt_mask(inputs["attention_mask"], batch["labels"].to(device))

@@ -123,12 +123,7 @@ class MoInCL(ContinualMethod):
             items = []
             for index in chosen:
                 instruction, target = self.pseudo[index]
-                features = dataset.features[index]
-                encoded = dataset.builder.encode(instruction, dataset.samples[index]["modality"],
-                                                 features.shape[0], target)
-                items.append({"input_ids": encoded.input_ids, "labels": encoded.labels,
-                              "media_mask": encoded.media_mask, "modality": dataset.samples[index]["modality"],
-                              "features": features})
+                items.append(dataset.encode_item(index, instruction, target))
             pseudo = ctx.collate_fn(items)
             pseudo["kd_mask"] = target_prediction_mask(pseudo["labels"])
             batch["pseudo"] = pseudo
@@ -136,9 +131,9 @@ class MoInCL(ContinualMethod):
             texts = rng.sample(self.instructions, min(self.args.instruction_k, len(self.instructions)))
             items = []
             for text in texts:
-                encoded = dataset.builder.encode(text, "text", 0)
+                encoded = dataset.builder.encode(text, {})
                 items.append({"input_ids": encoded.input_ids, "labels": encoded.labels,
-                              "media_mask": encoded.media_mask, "modality": "text", "features": None})
+                              "media_mask": encoded.media_mask, "media": {}})
             instructions = ctx.collate_fn(items)
             instructions["kd_mask"] = instructions["attention_mask"].bool()
             batch["instructions"] = instructions

@@ -24,10 +24,8 @@ import random
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
-from ..modeling.multimodal import move_to
+from ..modeling.multimodal import model_inputs, move_to
 from .base import ContinualMethod, StepContext
-
-FORWARD_KEYS = ("input_ids", "attention_mask", "media_mask", "media_features", "media_rows", "labels")
 
 
 @dataclass
@@ -134,7 +132,7 @@ class Replay(ContinualMethod):
         items = self.replay_items(ctx, self.draw(ctx, key))
         replay = ctx.collate_fn(items)
         device = batch["input_ids"].device
-        inputs = move_to({k: replay[k] for k in FORWARD_KEYS if k in replay}, device)
+        inputs = move_to(model_inputs(replay), device)
         return self.args.weight * model(**inputs).loss
 
     # ---- state --------------------------------------------------------------------------------------

@@ -31,12 +31,20 @@ from ..errors import MiclError
 from .low_rank import (UPDATES_FORMAT, apply_low_rank_update, same_update, updates_from_tensors,
                        updates_to_tensors)
 from .projectors import build_projectors
+from .prompting import MEDIA_ORDER
 
 PROJECTORS_FILE = "projectors.safetensors"
 UPDATES_FILE = "base_updates.safetensors"
 MODULATOR_FILE = "media_modulator.safetensors"
 MODEL_CONFIG_FILE = "micl_model.json"
 ADAPTER_DIR = "adapter"
+#: the batch keys MultimodalLM.forward takes
+MODEL_INPUTS = ("input_ids", "attention_mask", "media_mask", "media_features", "media_rows", "media_tasks", "labels")
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keys MultimodalLM.forward takes; hooks may add others to a batch (e.g. a pseudo-target batch)."""
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
 
 
 def move_to(value, device):
@@ -57,8 +65,9 @@ class MultimodalLM(nn.Module):
         llm_dim = llm.get_input_embeddings().embedding_dim
         self.projectors = build_projectors(self.media_dims, llm_dim, projector_hidden)
         self.projectors.to(next(llm.parameters()).dtype)
-        # optional: a module mapping {modality: projected tokens [n, T, d]} to the same, applied in `embed`
-        # (it must have `modulator_config()` -> JSON kwargs of its class, to be rebuilt from a phase folder)
+        # optional: a module called in `embed` as modulator(projected, media_rows, media_tasks), mapping
+        # {modality: projected tokens [n, T, d]} to the same (media_rows / media_tasks as in the batch); it
+        # must have `modulator_config()` -> JSON kwargs of its class, to be rebuilt from a phase folder
         self.media_modulator = None
         self.low_rank_updates: list[dict] = []  # folded into the base weights, in order (merge_low_rank)
 
@@ -85,7 +94,7 @@ class MultimodalLM(nn.Module):
         return cls(peft_llm, tokenizer, media_dims, projector_hidden, settings)
 
     # ---- forward --------------------------------------------------------------------------------------
-    def embed(self, input_ids, media_mask, media_features=None, media_rows=None):
+    def embed(self, input_ids, media_mask, media_features=None, media_rows=None, media_tasks=None):
         embeds = self.llm.get_input_embeddings()(input_ids)
         if not media_features:
             return embeds
@@ -95,11 +104,13 @@ class MultimodalLM(nn.Module):
                 raise MiclError(f"no projector for modality {modality!r}; known: {', '.join(self.projectors)}")
             projected[modality] = self.projectors[modality](features.to(embeds.dtype))
         if self.media_modulator is not None:
-            projected = self.media_modulator(projected)
+            projected = self.media_modulator(projected, media_rows, media_tasks)
         pieces = []
         for modality, tokens in projected.items():
-            pieces.extend(zip(media_rows[modality].tolist(), tokens))
-        # masked_scatter fills the placeholders in row-major order, so the media go in by row.
+            slot = MEDIA_ORDER.index(modality)
+            pieces.extend(((row, slot), t) for row, t in zip(media_rows[modality].tolist(), tokens))
+        # masked_scatter fills the placeholders in row-major order, so the media go in by row, and within a
+        # row (a video and its sound) in the prompt's MEDIA_ORDER.
         pieces.sort(key=lambda item: item[0])
         media = torch.cat([p for _, p in pieces], dim=0)
         expected = int(media_mask.sum())
@@ -112,8 +123,9 @@ class MultimodalLM(nn.Module):
         # left padding: positions count real tokens only
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def forward(self, input_ids, attention_mask, media_mask, media_features=None, media_rows=None, labels=None):
-        inputs_embeds = self.embed(input_ids, media_mask, media_features, media_rows)
+    def forward(self, input_ids, attention_mask, media_mask, media_features=None, media_rows=None, media_tasks=None,
+                labels=None):
+        inputs_embeds = self.embed(input_ids, media_mask, media_features, media_rows, media_tasks)
         return self.llm(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -129,7 +141,7 @@ class MultimodalLM(nn.Module):
     def generate(self, batch, max_new_tokens=24, num_beams=1, repetition_penalty=1.0) -> list[str]:
         batch = move_to(batch, self.device)
         inputs_embeds = self.embed(batch["input_ids"], batch["media_mask"], batch.get("media_features"),
-                                   batch.get("media_rows"))
+                                   batch.get("media_rows"), batch.get("media_tasks"))
         output = self.llm.generate(
             inputs_embeds=inputs_embeds,
             attention_mask=batch["attention_mask"],

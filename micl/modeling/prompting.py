@@ -3,6 +3,9 @@
     <chat template up to the user content>{cue}<N media placeholders> {instruction}<... assistant header>
     {target}<eos>
 
+A sample with two media (a video and its sound) has one cue + placeholder block per medium, in
+MEDIA_ORDER: `video: <N1 placeholders> audio: <N2 placeholders> {instruction}`.
+
 Placeholders are pad-token ids marked by `media_mask`; the model replaces their embeddings with the
 projected media features. Labels are -100 everywhere except on the target tokens and the closing eos.
 """
@@ -13,6 +16,8 @@ from dataclasses import dataclass
 
 MEDIA_MARKER = "<|micl_media|>"
 CUES = {"image": "image: ", "audio": "audio: ", "video": "video: ", "text": ""}
+#: order of the media blocks within one sample's prompt (MultimodalLM.embed fills them in this order)
+MEDIA_ORDER = ("image", "video", "audio")
 IGNORE_INDEX = -100
 
 
@@ -44,19 +49,23 @@ class PromptBuilder:
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def encode(self, instruction: str, modality: str, num_media_tokens: int, target: str | None = None) -> EncodedSample:
-        if modality == "text" or num_media_tokens == 0:
-            content = instruction
-        else:
-            content = f"{CUES[modality]}{MEDIA_MARKER} {instruction}"
+    def encode(self, instruction: str, media_tokens: dict[str, int], target: str | None = None) -> EncodedSample:
+        """`media_tokens`: {stream modality: number of media tokens} ({} for a text-only prompt)."""
+        unknown = sorted(set(media_tokens) - set(MEDIA_ORDER))
+        if unknown:
+            raise ValueError(f"unknown media modality {unknown[0]!r} (valid: {', '.join(MEDIA_ORDER)})")
+        blocks = [(m, media_tokens[m]) for m in MEDIA_ORDER if media_tokens.get(m)]
+        content = "".join(f"{CUES[m]}{MEDIA_MARKER} " for m, _ in blocks) + instruction
         rendered = self._render(content)
-        if MEDIA_MARKER in content:
-            before, after = rendered.split(MEDIA_MARKER, 1)
-            bos = [self.tokenizer.bos_token_id] if self._needs_bos(before) else []
-            prefix = bos + self._tokens(before)
-            suffix = self._tokens(after)
-            input_ids = prefix + [self.placeholder_id] * num_media_tokens + suffix
-            media_mask = [False] * len(prefix) + [True] * num_media_tokens + [False] * len(suffix)
+        if blocks:
+            parts = rendered.split(MEDIA_MARKER)
+            bos = [self.tokenizer.bos_token_id] if self._needs_bos(parts[0]) else []
+            input_ids = bos + self._tokens(parts[0])
+            media_mask = [False] * len(input_ids)
+            for (_, count), text in zip(blocks, parts[1:]):
+                tokens = self._tokens(text)
+                input_ids += [self.placeholder_id] * count + tokens
+                media_mask += [True] * count + [False] * len(tokens)
         else:
             bos = [self.tokenizer.bos_token_id] if self._needs_bos(rendered) else []
             input_ids = bos + self._tokens(rendered)

@@ -33,7 +33,8 @@ from ..data.collator import MultimodalCollator
 from ..data.dataset import EncodedTaskDataset
 from ..data.orders import resolve_order
 from ..data.prompts import load_templates
-from ..data.tasks import get_task, load_task_split, resolve_media
+from ..data.schema import STREAMS, media_streams
+from ..data.tasks import get_task, load_task_split
 from ..errors import ConfigError, MiclError
 from ..evaluation.continual import continual_metrics
 from ..evaluation.report import write_report
@@ -128,7 +129,7 @@ class ContinualRun:
 
             data = self.config.data
             generate_synth(self.data_root, seed=data.synth_seed, n_train=data.synth_train,
-                           n_val=data.synth_val, n_test=data.synth_test)
+                           n_val=data.synth_val, n_test=data.synth_test, tasks=synth)
 
     @property
     def model(self) -> MultimodalLM:
@@ -162,14 +163,15 @@ class ContinualRun:
             data = self.config.data
             limit = data.max_train_samples if split == "train" else data.max_eval_samples
             samples = load_task_split(self.data_root, task.name, split, limit)
-            if task.modality == "text":
-                features = [None] * len(samples)
-            else:
-                paths = [str(resolve_media(self.data_root, s)) for s in samples]
+            features = [{} for _ in samples]
+            for stream in STREAMS[task.modality]:  # a video with its sound: the video, then its audio
+                paths = [str(self.data_root / dict(media_streams(s))[stream]) for s in samples]
                 # encoded once, the other ranks read the cache; an encoder loads (whole) on first use
                 with main_process_first(), plain_model_loading():
-                    features = self.feature_cache.features(self.encoders[task.modality], paths,
-                                                           desc=f"encoding {task.name}/{split}")
+                    encoded = self.feature_cache.features(self.encoders[stream], paths,
+                                                          desc=f"encoding {task.name}/{split} ({stream})")
+                for media, tensor in zip(features, encoded):
+                    media[stream] = tensor
             self._datasets[key] = EncodedTaskDataset(samples, features, self.builder, self.templates,
                                                      train=split == "train", seed=self.config.seed)
         return self._datasets[key]

@@ -16,17 +16,13 @@ from safetensors.torch import load_file, save_file
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 
+from ..modeling.multimodal import model_inputs
 from ..utils.distributed import gathered
 
 logger = logging.getLogger(__name__)
 
 TRAINABLE_FILE = "trainable.safetensors"
-MODEL_INPUTS = ("input_ids", "attention_mask", "media_mask", "media_features", "media_rows", "labels")
-
-
-def model_inputs(batch: dict) -> dict:
-    """The keys MultimodalLM.forward takes; hooks may add others (e.g. a pseudo-target batch)."""
-    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+__all__ = ["MiclTrainer", "model_inputs"]
 
 
 class HookCallback(TrainerCallback):

@@ -1,0 +1,110 @@
+"""Adaptive audio-visual fusion (arXiv 2506.09999) as a method hook: installs the `AdaptiveFusion` media
+modulator (micl/modeling/fusion.py) on the model, gives every task with two media (modality
+`audio_video`) its own router when the task starts, and freezes that router when the task ends, so a
+later task cannot change how an earlier one fuses. Tasks with one medium are left alone (no router, the
+modulator passes their tokens through), so the method composes with any other hook except another media
+modulator (harmony).
+
+The paper trains with 0.7 L_CW + 0.3 L_MI, losses of a classifier over class prototypes; micl's tasks are
+generative, so the LM cross-entropy (and whatever other hooks add) trains the routers and projectors.
+After each task, `<run>/adaptive_fusion/step_<k>_<task>.json` records the fusion decisions over the task's
+training samples (share fused, mean r, mean router weights, which modality was kept alone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from ..modeling.fusion import AdaptiveFusion
+from ..utils.io import atomic_write_json
+from .base import ContinualMethod, StepContext, unwrap_model
+
+OTHER_MODULATORS = ("harmony",)
+
+
+@dataclass
+class AdaptiveFusionArgs:
+    threshold: float = field(default=0.8, metadata={"help": "Pearson r at or above which the two media are "
+                                                            "fused; below it the stronger one is used alone"})
+    statistics_samples: int | None = field(default=None, metadata={
+        "help": "training samples per task over which the fusion decisions are recorded (None = all)"})
+
+    def __post_init__(self):
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"method_args.adaptive_fusion.threshold: a correlation threshold in [-1, 1], "
+                              f"got {self.threshold}")
+        if self.statistics_samples is not None and self.statistics_samples < 0:
+            raise ConfigError("method_args.adaptive_fusion.statistics_samples: must be >= 0 or null")
+
+
+class AdaptiveFusionMethod(ContinualMethod):
+    name = "adaptive_fusion"
+    Args = AdaptiveFusionArgs
+
+    def __init__(self, args: AdaptiveFusionArgs | None = None):
+        super().__init__(args or AdaptiveFusionArgs())
+
+    def check_recipe(self, config, source: str) -> None:
+        clash = [m for m in config.methods if m in OTHER_MODULATORS]
+        if clash:
+            raise ConfigError(f"{source}: 'method' lists adaptive_fusion and {clash[0]}; both install a media "
+                              f"modulator on the model and only one can be used")
+
+    def _fusion(self, model) -> AdaptiveFusion:
+        modulator = model.media_modulator
+        if modulator is None:
+            modulator = AdaptiveFusion(model.llm.get_input_embeddings().embedding_dim, self.args.threshold)
+            model.set_media_modulator(modulator)
+        elif not isinstance(modulator, AdaptiveFusion):
+            raise ConfigError(f"method 'adaptive_fusion': the model already has a media modulator of another "
+                              f"kind ({type(modulator).__name__})")
+        return modulator
+
+    def on_task_start(self, ctx: StepContext) -> None:
+        fusion = self._fusion(unwrap_model(ctx.model))
+        if ctx.task.modality == "audio_video":
+            fusion.add_task(ctx.task.name)
+        for task in fusion.tasks:  # only the current task's router learns
+            fusion.router(task).requires_grad_(task == ctx.task.name)
+
+    def on_task_end(self, ctx: StepContext) -> None:
+        model = unwrap_model(ctx.model)
+        fusion = self._fusion(model)
+        if ctx.task.name in fusion.tasks:
+            fusion.router(ctx.task.name).requires_grad_(False)
+            self._write_statistics(model, fusion, ctx)
+
+    @torch.no_grad()
+    def _write_statistics(self, model, fusion: AdaptiveFusion, ctx: StepContext) -> None:
+        from ..utils.distributed import is_main_process
+
+        dataset = ctx.train_dataset
+        count = len(dataset) if self.args.statistics_samples is None else min(len(dataset),
+                                                                              self.args.statistics_samples)
+        first, second = fusion.modalities
+        pooled = {first: [], second: []}
+        for index in range(count):
+            for modality in pooled:
+                projector = model.projectors[modality]
+                param = next(projector.parameters())
+                features = dataset.features[index][modality].to(param.device, param.dtype)
+                pooled[modality].append(projector(features[None])[0].mean(0))
+        if not count or not is_main_process():
+            return
+        decision = fusion.decide(torch.stack(pooled[first]), torch.stack(pooled[second]), [ctx.task.name] * count)
+        fused = decision["fuse"]
+        alone = decision["stronger"][~fused]
+        stats = {
+            "task": ctx.task.name, "step": ctx.step, "samples": count, "threshold": fusion.threshold,
+            "fused_share": float(fused.float().mean()),
+            "mean_r": float(decision["r"].mean()), "min_r": float(decision["r"].min()),
+            "max_r": float(decision["r"].max()),
+            "mean_weights": {first: float(decision["weights"][:, 0].mean()),
+                             second: float(decision["weights"][:, 1].mean())},
+            "alone": {first: int((alone == 0).sum()), second: int((alone == 1).sum())},
+        }
+        atomic_write_json(Path(ctx.run_dir) / "adaptive_fusion" / f"step_{ctx.step}_{ctx.task.name}.json", stats)
