@@ -163,3 +163,48 @@ def test_state_round_trip_reapplies_freezing_at_task_start():
     layer = moe_layers(model)[name]
     assert not layer.moe_lora_A["default"][2].requires_grad and layer.moe_lora_A["default"][1].requires_grad
     assert method.state_dict()["frozen"] == {name: [2]}
+
+
+class Killed(Exception):
+    pass
+
+
+class Crash(MoeAdapters):
+    calls = 0
+
+    def extra_loss(self, model, batch, outputs, ctx):
+        if ctx.step == 1:
+            Crash.calls += 1
+            if Crash.calls == 2:  # checkpoint-1 of step 1 (of 2 optimizer steps) is on disk
+                raise Killed()
+        return super().extra_loss(model, batch, outputs, ctx)
+
+
+def test_killed_mid_task_resumes_with_the_same_frozen_experts_and_results(tiny_models, synth_root, tmp_path,
+                                                                          monkeypatch):
+    # logging every step: the Trainer's train_loss of a resumed step only averages the losses logged so far
+    settings = (ORDER, "train.logging_steps=1")
+    reference = tmp_path / "reference"
+    assert run(tiny_models, synth_root, reference, *settings) == 0
+    out = tmp_path / "killed"
+    monkeypatch.setitem(METHODS, "moe_adapters", Crash)
+    Crash.calls = 0
+    with pytest.raises(Killed):
+        run(tiny_models, synth_root, out, *settings)
+    assert not (out / "step_1_synth_audio_qa").exists()
+    monkeypatch.setitem(METHODS, "moe_adapters", MoeAdapters)
+    assert run(tiny_models, synth_root, out, *settings) == 0
+    resumed = json.loads((out / "results.json").read_text())
+    expected = json.loads((reference / "results.json").read_text())
+    assert resumed["steps"][1]["resumed_from"] == "checkpoint-1"
+    assert resumed["matrix"] == expected["matrix"]
+    assert resumed["steps"][1]["train_loss"] == pytest.approx(expected["steps"][1]["train_loss"], rel=1e-5)
+    phase = "step_1_synth_audio_qa"
+    for name in ("adapter/adapter_model.safetensors", "projectors.safetensors"):
+        got, want = load_file(str(out / phase / name)), load_file(str(reference / phase / name))
+        assert got.keys() == want.keys()
+        assert all(torch.allclose(got[k].float(), want[k].float(), atol=1e-6) for k in want), \
+            [k for k in want if not torch.allclose(got[k].float(), want[k].float(), atol=1e-6)][:5]
+    got = load_file(str(out / phase / "adapter/adapter_model.safetensors"))
+    want = load_file(str(reference / phase / "adapter/adapter_model.safetensors"))
+    assert all(torch.equal(got[k], want[k]) for k in want if k.endswith("moe_lora_frozen"))

@@ -12,7 +12,9 @@ The task-order loop and the Trainer call, for every method of a recipe, in this 
     on_task_end(ctx)                         once, after training, before evaluation
 
 `state_dict()` / `load_state_dict()` carry what a method keeps across steps (saved in each phase folder,
-so that a resumed run continues with it). Hooks compose: a recipe may list several methods.
+so that a resumed run continues with it). `step_state()` / `load_step_state()` carry what it gathers
+within a step (e.g. expert activation counts), saved with every within-step checkpoint, one file per
+rank, so that a step killed midway resumes with it. Hooks compose: a recipe may list several methods.
 """
 
 from __future__ import annotations
@@ -82,3 +84,10 @@ class ContinualMethod:
 
     def load_state_dict(self, state: dict) -> None:
         """Restores what `state_dict` returned."""
+
+    def step_state(self) -> dict:
+        """What this process gathered since `on_task_start` and needs again after a mid-step resume."""
+        return {}
+
+    def load_step_state(self, state: dict) -> None:
+        """Restores what `step_state` returned (called after `on_task_start`, before training resumes)."""

@@ -408,6 +408,20 @@ class MoeAdapters(ContinualMethod):
         return total
 
     # ---- state ---------------------------------------------------------------------------------------
+    def step_state(self) -> dict:
+        """This process's expert activation counts so far in the task (the end-of-task freezing reads them)."""
+        if not self._layers:
+            return {}
+        return {"experts": [layer.expert_statistics() for layer in self._layers]}
+
+    def load_step_state(self, state: dict) -> None:
+        statistics = (state or {}).get("experts", [])
+        if len(statistics) != len(self._layers or []):
+            raise RuntimeError(f"moe_adapters: checkpoint has expert statistics of {len(statistics)} layers, the model "
+                               f"{len(self._layers or [])}")
+        for layer, values in zip(self._layers, statistics):
+            layer.load_expert_statistics(values)
+
     def state_dict(self) -> dict:
         return {"frozen": {k: list(v) for k, v in self.frozen.items()},
                 "memory": [[t, int(i)] for t, i in self.memory],

@@ -22,6 +22,7 @@ from ..utils.distributed import gathered
 logger = logging.getLogger(__name__)
 
 TRAINABLE_FILE = "trainable.safetensors"
+STEP_STATE_FILE = "method_step_state.rank{rank}.pt"
 __all__ = ["MiclTrainer", "model_inputs"]
 
 
@@ -134,6 +135,25 @@ class MiclTrainer(Trainer):
             state = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
         if self.args.should_save:
             self._save(output_dir, state_dict=state)
+        self._save_step_state(output_dir or self.args.output_dir)
+
+    def _save_step_state(self, output_dir: str) -> None:
+        """The methods' within-step state (ContinualMethod.step_state), one file per rank."""
+        states = [method.step_state() for method in self.methods]
+        if not any(states):
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, STEP_STATE_FILE.format(rank=self.args.process_index))
+        torch.save(states, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if isinstance(resume_from_checkpoint, str):
+            path = os.path.join(resume_from_checkpoint, STEP_STATE_FILE.format(rank=self.args.process_index))
+            if os.path.isfile(path):
+                for method, state in zip(self.methods, torch.load(path, weights_only=False)):
+                    method.load_step_state(state)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         output_dir = output_dir or self.args.output_dir

@@ -154,6 +154,17 @@ class MoeLoraLayer(BaseTunerLayer):
         name = self._adapter(adapter_name)
         return self._counts[name].cpu().round().long()
 
+    def expert_statistics(self, adapter_name: Optional[str] = None) -> dict:
+        """Counts and routed units since the last reset, exactly (float64), to be restored with
+        `load_expert_statistics` (a step resumed from a checkpoint continues counting)."""
+        name = self._adapter(adapter_name)
+        return {"counts": self._counts[name].detach().cpu().clone(), "units": self._units[name].detach().cpu().clone()}
+
+    def load_expert_statistics(self, statistics: dict, adapter_name: Optional[str] = None) -> None:
+        name = self._adapter(adapter_name)
+        self._counts[name] = statistics["counts"].double().clone()
+        self._units[name] = statistics["units"].double().clone()
+
     def routed_units(self, adapter_name: Optional[str] = None) -> int:
         return int(round(float(self._units[self._adapter(adapter_name)])))
 
