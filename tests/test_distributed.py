@@ -301,3 +301,35 @@ def test_zero3_run_killed_mid_step_resumes_from_deepspeed_checkpoint(launched, t
     torch.testing.assert_close(torch.load(tmp_path / "run" / "kept_checkpoints" / "step_0" / "eval_logits.pt"),
                                torch.load(uninterrupted["out"] / "kept_checkpoints" / "step_0" / "eval_logits.pt"),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_two_media_fusion_and_moe_experts_under_zero3(tiny_models, synth_root, tmp_path):
+    """A video with its sound (`media_tasks` crosses Accelerate's data loader), the adaptive fusion routers
+    and the MoE LoRA experts, trained under ZeRO-3 by 2 processes: routers trained then frozen, statistics
+    gathered on every rank, experts frozen from counts reduced over the ranks."""
+    pytest.importorskip("deepspeed")
+    extra = ["order=[synth_av_caption,synth_video_qa]", "method=[moe_adapters,adaptive_fusion]", "lora.type=moe_lora",
+             "lora.num_experts=4", "lora.top_k=2", "method_args.adaptive_fusion.threshold=-1.0",
+             "method_args.moe_adapters.memory_size=4", "method_args.moe_adapters.preserve_batch_size=2",
+             "eval.forward_transfer=false"]
+    out = tmp_path / "run"
+    done = launch("zero3.yaml", tmp_path / "report", _overrides(tiny_models, synth_root, out, 2, extra), timeout=420)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    for report in reports(tmp_path / "report"):
+        info = report["steps"]["0"]["info"]
+        assert info["world_size"] == 2 and info["zero_stage"] == 3 and info["empty_params"] > 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] and len(results["matrix"]) == 2
+    first = load_file(str(out / "step_0_synth_av_caption" / "media_modulator.safetensors"))
+    second = load_file(str(out / "step_1_synth_video_qa" / "media_modulator.safetensors"))
+    assert first["routers.0.weight"].abs().sum() > 0 and all(torch.equal(first[k], second[k]) for k in first)
+    # frozen parameters (routers, experts) are saved whole, not as empty ZeRO-3 shards
+    adapter = load_file(str(out / "step_1_synth_video_qa" / "adapter" / "adapter_model.safetensors"))
+    assert any(k.endswith("moe_lora_frozen") and adapter[k].any() for k in adapter)
+    assert all(v.numel() > 0 for v in [*adapter.values(), *second.values()])
+    stats = json.loads((out / "adaptive_fusion" / "step_0_synth_av_caption.json").read_text())
+    assert stats["samples"] == TRAIN_SAMPLES and stats["fused_share"] == 1.0
+    record = json.loads((out / "moe_adapters" / "step_0_synth_av_caption.json").read_text())
+    assert all(sum(layer["counts"]) == 2 * layer["units"] for layer in record["layers"].values())
+    # both ranks' activations: every training token of the 8 samples x 2 epochs is routed once per layer
+    assert all(layer["units"] > 0 for layer in record["layers"].values())

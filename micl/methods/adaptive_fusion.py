@@ -80,22 +80,30 @@ class AdaptiveFusionMethod(ContinualMethod):
 
     @torch.no_grad()
     def _write_statistics(self, model, fusion: AdaptiveFusion, ctx: StepContext) -> None:
-        from ..utils.distributed import is_main_process
+        """Every rank computes (under ZeRO-3 the projectors and routers are gathered, a collective); the main
+        process writes."""
+        from ..utils.distributed import gathered, is_main_process
 
         dataset = ctx.train_dataset
         count = len(dataset) if self.args.statistics_samples is None else min(len(dataset),
                                                                               self.args.statistics_samples)
+        if not count:
+            return
         first, second = fusion.modalities
-        pooled = {first: [], second: []}
-        for index in range(count):
-            for modality in pooled:
+        params = [*model.projectors[first].parameters(), *model.projectors[second].parameters(),
+                  *fusion.parameters()]
+        with gathered(params):
+            pooled = {first: [], second: []}
+            for modality, rows in pooled.items():
                 projector = model.projectors[modality]
                 param = next(projector.parameters())
-                features = dataset.features[index][modality].to(param.device, param.dtype)
-                pooled[modality].append(projector(features[None])[0].mean(0))
-        if not count or not is_main_process():
+                for index in range(count):
+                    features = dataset.features[index][modality].to(param.device, param.dtype)
+                    rows.append(projector(features[None])[0].mean(0))
+            decision = fusion.decide(torch.stack(pooled[first]), torch.stack(pooled[second]),
+                                     [ctx.task.name] * count)
+        if not is_main_process():
             return
-        decision = fusion.decide(torch.stack(pooled[first]), torch.stack(pooled[second]), [ctx.task.name] * count)
         fused = decision["fuse"]
         alone = decision["stronger"][~fused]
         stats = {

@@ -220,10 +220,13 @@ class MoeAdapters(ContinualMethod):
             layers[name].freeze_experts(ids, adapter)
 
     def _restore_frozen(self) -> None:
-        """Writes back the frozen experts' values of the task start (bit-exact)."""
+        """Writes back the frozen experts' values of the task start (bit-exact). Under ZeRO-3 on the full
+        (gathered) tensors, on every rank (a collective)."""
+        from ..utils.distributed import gathered
+
         if not self._snapshot:
             return
-        with torch.no_grad():
+        with torch.no_grad(), gathered(self._snapshot_params, modifier_rank=0):
             for param, value in zip(self._snapshot_params, self._snapshot.values()):
                 if not torch.equal(param, value):
                     param.copy_(value)
@@ -234,13 +237,16 @@ class MoeAdapters(ContinualMethod):
             raise ConfigError(f"{source}: method 'moe_adapters' needs 'lora.type: moe_lora', got 'lora.type: {config.lora.type}'")
 
     def on_task_start(self, ctx: StepContext) -> None:
+        from ..utils.distributed import gathered
+
         layers = self._check(ctx.model)
         self._layers = list(layers.values())
         self._apply_frozen(ctx.model)
         for layer in layers.values():
             layer.reset_expert_counts()
         self._snapshot_params = self._frozen_params(ctx.model)
-        self._snapshot = {i: p.detach().clone() for i, p in enumerate(self._snapshot_params)}
+        with torch.no_grad(), gathered(self._snapshot_params):  # full values under ZeRO-3
+            self._snapshot = {i: p.detach().clone() for i, p in enumerate(self._snapshot_params)}
         self._calls = 0
         if self._capture is not None:
             self._capture.remove()

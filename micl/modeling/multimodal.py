@@ -155,6 +155,13 @@ class MultimodalLM(nn.Module):
         return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
     # ---- trainable state -----------------------------------------------------------------------------
+    def saved_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters `save_pretrained` writes: the adapter's (frozen ones too, e.g. frozen MoE experts),
+        the projectors and the media modulator; under ZeRO-3 they are gathered around a save."""
+        prefix = getattr(getattr(self.llm, "base_model", None), "prefix", None)
+        return [p for n, p in self.named_parameters()
+                if p.requires_grad or not n.startswith("llm.") or (prefix and prefix in n)]
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {name: param.detach().clone() for name, param in self.named_parameters() if param.requires_grad}
 

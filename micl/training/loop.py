@@ -289,8 +289,7 @@ class ContinualRun:
     def _save_phase(self, step: int, task, record: dict, predictions: dict) -> Path:
         """Every rank enters (gathering ZeRO-3 shards is collective); the main process writes."""
         final = self.out / step_dir_name(step, task.name)
-        saved = [p for p in self.model.parameters() if p.requires_grad] + list(self.model.projectors.parameters())
-        with gathered(saved):
+        with gathered(self.model.saved_parameters()):
             if is_main_process():
                 self._write_phase(final, record, predictions)
         barrier()
