@@ -1,5 +1,5 @@
 """Command line: `micl train RECIPE [key=value ...]`, `micl report RUN_DIR`, `micl push RUN_DIR --repo OWNER/NAME`,
-`micl data synth --out DIR`.
+`micl data synth --out DIR`, `micl data prepare DATASET --root DIR --out DATA_ROOT`.
 
 User errors (recipe, data, media) print one line naming the file or key and exit with code 2; finished
 steps stay on disk.
@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from .errors import MiclError
+from .errors import ConfigError, MiclError
 
 
 def _train(args) -> int:
@@ -92,6 +92,22 @@ def _synth(args) -> int:
     return 0
 
 
+def _prepare(args) -> int:
+    from .data.converters import prepare_dataset
+
+    options = {}
+    for item in args.options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option {item!r}: expected KEY=VALUE")
+        options[key.replace("-", "_")] = value
+    report = prepare_dataset(args.dataset, args.root, args.out, **options)
+    for skipped in report.skipped:
+        print(skipped, flush=True)
+    print(report.summary(), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="micl", description="continual fine-tuning of multimodal LLMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -134,6 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--n-val", type=int, default=16)
     synth.add_argument("--n-test", type=int, default=24)
     synth.set_defaults(func=_synth)
+    from .data.converters import CONVERTERS
+
+    prepare = data_commands.add_parser(
+        "prepare", help="convert a real dataset from its official layout (docs/reproducing_moincl.md)",
+        description="Writes OUT/<task>/{train,val,test}.jsonl (media paths relative to OUT, the data root of a "
+                    "recipe); prints the counts and every skipped sample with its reason.")
+    prepare.add_argument("dataset", choices=list(CONVERTERS))
+    prepare.add_argument("--root", required=True, help="the downloaded dataset, in its official layout")
+    prepare.add_argument("--out", required=True, help="data root to write into (shared by all datasets)")
+    prepare.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                         help="converter setting (see the converter's docstring), repeatable")
+    prepare.set_defaults(func=_prepare)
     return parser
 
 

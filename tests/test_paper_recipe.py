@@ -1,0 +1,82 @@
+"""recipes/paper/moincl_llama32.yaml: the reference setup loads as written, and runs a 2-step order of the
+real task names end to end on CPU with tiny random models of the same kinds substituted for the Hub ids
+(a test cannot download Llama-3.2-1B, CLIP ViT-L/14 or CLAP)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import REPO, build_tiny_models  # noqa: F401  (conftest fixtures)
+from micl.cli import main
+from micl.config import load_recipe
+from micl.data.orders import resolve_order
+
+RECIPE = REPO / "recipes" / "paper" / "moincl_llama32.yaml"
+
+
+def test_recipe_is_the_reference_setup():
+    config = load_recipe(RECIPE)
+    assert config.model.llm == "meta-llama/Llama-3.2-1B-Instruct" and config.model.dtype == "bfloat16"
+    assert (config.lora.r, config.lora.alpha, config.lora.dropout) == (8, 32, 0.1)
+    assert config.lora.target_modules == ["q_proj", "v_proj"]
+    assert (config.eval.num_beams, config.eval.max_new_tokens, config.eval.repetition_penalty) == (5, 80, 1.15)
+    assert config.methods == ["moincl"] and config.method_args["moincl"]["temperature"] == 5.0
+    assert "accelerate launch --config_file recipes/accelerate/" in RECIPE.read_text()
+    assert resolve_order(config.order) == ["audiocaps", "flickr30k", "msvd_qa", "clotho_aqa", "okvqa", "msrvtt"]
+    assert resolve_order("paper_order2") == ["flickr30k", "msrvtt", "msvd_qa", "okvqa", "audiocaps", "clotho_aqa"]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=1, num_attention_heads=2)).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return str(folder)
+
+
+def _real_task_data(synth_root, out):
+    """Two real tasks in micl's unified layout (as `micl data prepare` writes them), media borrowed from
+    micl-synth: flickr30k (image captioning, 5 references) and clotho_aqa (audio QA)."""
+    from micl.data.tasks import load_task_split
+
+    for task, source, kind in (("flickr30k", "synth_image_caption", "caption"), ("clotho_aqa", "synth_audio_qa", "qa")):
+        for split in ("train", "val", "test"):
+            rows = load_task_split(synth_root, source, split)[:8]
+            (out / task).mkdir(parents=True, exist_ok=True)
+            with open(out / task / f"{split}.jsonl", "w") as handle:
+                for row in rows:
+                    media = out / "media" / task / split / row["media"].rsplit("/", 1)[1]
+                    media.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(synth_root / row["media"], media)
+                    refs = (row["references"] * 5)[:5] if kind == "caption" else row["references"]
+                    handle.write(json.dumps({**row, "id": row["id"], "task": task, "media": str(media.relative_to(out)),
+                                             "references": refs}) + "\n")
+
+
+def test_two_real_tasks_end_to_end_with_tiny_models_of_the_same_kinds(tiny_models, tiny_clip, synth_root, tmp_path):
+    data = tmp_path / "data"
+    _real_task_data(synth_root, data)
+    out = tmp_path / "run"
+    assert main(["train", str(RECIPE),
+                 f"output_dir={out}", f"data.root={data}", "order=[flickr30k,clotho_aqa]",
+                 f"model.llm={tiny_models['llm']}", f"model.image_encoder={tiny_clip}",
+                 f"model.audio_encoder={tiny_models['whisper']}",
+                 "model.image_tokens=16", "model.audio_tokens=4",  # the tiny towers' grids are smaller
+                 "data.max_train_samples=8", "data.max_eval_samples=4", "train.epochs=1", "train.batch_size=4",
+                 "train.grad_accum=1", "train.save_steps=1", "train.tensorboard=false", "eval.batch_size=4",
+                 "eval.max_new_tokens=6", "eval.forward_transfer=false", "method_args.moincl.instruction_k=1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] and results["tasks"] == ["flickr30k", "clotho_aqa"]
+    assert len(results["matrix"]) == 2 and len(results["matrix"][1]) == 2
+    step = json.loads((out / "step_1_clotho_aqa" / "metrics.json").read_text())
+    assert step["metrics"]["flickr30k"]["metric"] == "cider" and step["metrics"]["clotho_aqa"]["metric"] == "exact_match"
+    model = json.loads((out / "step_1_clotho_aqa" / "micl_model.json").read_text())
+    assert model["dtype"] == "bfloat16" and model["encoders"]["image"].startswith("image|")
+    # MoInCL ran: pseudo captions of the QA inputs by the previous step's model (beam 5, as the recipe says)
+    assert (out / "pseudo_targets").is_dir()
