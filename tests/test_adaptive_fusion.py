@@ -14,7 +14,7 @@ from micl.data.collator import MultimodalCollator
 from micl.errors import ConfigError
 from micl.methods import METHODS
 from micl.methods.adaptive_fusion import AdaptiveFusionArgs, AdaptiveFusionMethod
-from micl.modeling.fusion import AdaptiveFusion, pearson
+from micl.modeling.fusion import AdaptiveFusion, paired_infonce, pearson
 from micl.modeling.llm import load_llm
 from micl.modeling.multimodal import MultimodalLM, model_inputs
 from micl.modeling.prompting import PromptBuilder
@@ -46,6 +46,20 @@ def test_pearson_matches_numpy():
     expected = [np.corrcoef(a, b)[0, 1] for a, b in zip(x.numpy(), y.numpy())]
     assert torch.allclose(pearson(x, y), torch.tensor(expected, dtype=torch.float32), atol=1e-5)
     assert pearson(x, y)[1].item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_paired_infonce_raises_the_correlation_the_gate_reads():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 32, requires_grad=True), torch.randn(8, 32, requires_grad=True)
+    assert pearson(x, y).abs().max() < 0.8
+    with torch.no_grad():  # matched pairs score a lower loss than mismatched ones
+        assert paired_infonce(x + 0 * y, x + 0.1 * y) < paired_infonce(x, x.roll(1, 0) + 0.1 * y)
+    optimizer = torch.optim.Adam([x, y], lr=0.05)
+    for _ in range(100):
+        optimizer.zero_grad()
+        paired_infonce(x, y, temperature=0.3).backward()  # the method's default temperature
+        optimizer.step()
+    assert pearson(x, y).min() > 0.8  # every pair would now be fused at the paper's threshold
 
 
 @pytest.mark.parametrize("r_target", [0.3, 0.8, 0.95])
@@ -237,3 +251,5 @@ def test_refuses_a_second_media_modulator_and_bad_threshold(tiny_models, synth_r
     assert "adaptive_fusion and harmony; both install a media modulator" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="threshold"):
         AdaptiveFusionArgs(threshold=1.5)
+    with pytest.raises(ConfigError, match="mi_temperature"):
+        AdaptiveFusionArgs(mi_temperature=0)

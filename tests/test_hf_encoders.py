@@ -97,9 +97,9 @@ def hf_models(tmp_path_factory) -> dict:
     encoder_only.load_state_dict(whisper.encoder.state_dict())
     save("whisper_encoder", encoder_only, whisper_extractor)
 
-    clap_audio = tf.ClapAudioConfig(spec_size=64, num_mel_bins=16, patch_size=4, patch_stride=4, depths=[1, 1],
-                                    num_attention_heads=[2, 2], window_size=4, patch_embeds_hidden_size=DIMS["clap"] // 2,
-                                    hidden_size=DIMS["clap"], projection_dim=8)
+    clap_audio = tf.ClapAudioConfig(  # 2 Swin stages: 24 -> 48 channels
+        spec_size=64, num_mel_bins=16, patch_size=4, patch_stride=4, depths=[1, 1], num_attention_heads=[2, 2],
+        window_size=4, patch_embeds_hidden_size=DIMS["clap"] // 2, hidden_size=DIMS["clap"], projection_dim=8)
     clap_extractor = tf.ClapFeatureExtractor(feature_size=16, sampling_rate=CLAP_SR, hop_length=480, max_length_s=1)
     clap = tf.ClapAudioModel(clap_audio)
     save("clap_audio", clap, clap_extractor)
@@ -302,8 +302,8 @@ def remote_model(tmp_path):
         sys.path.remove(str(code))
         sys.modules.pop("modeling_tiny_remote", None)
     folder = tmp_path / "remote"
-    TinyAudioModel(TinyAudioConfig(auto_map={"AutoConfig": "modeling_tiny_remote.TinyAudioConfig",
-                                             "AutoModel": "modeling_tiny_remote.TinyAudioModel"})).save_pretrained(folder)
+    auto_map = {"AutoConfig": "modeling_tiny_remote.TinyAudioConfig", "AutoModel": "modeling_tiny_remote.TinyAudioModel"}
+    TinyAudioModel(TinyAudioConfig(auto_map=auto_map)).save_pretrained(folder)
     shutil.copy(code / "modeling_tiny_remote.py", folder)
     Wav2Vec2FeatureExtractor(sampling_rate=16000).save_pretrained(folder)
     return str(folder)

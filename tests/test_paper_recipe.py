@@ -5,10 +5,8 @@ real task names end to end on CPU with tiny random models of the same kinds subs
 import json
 import shutil
 
-import pytest
-import torch
-
-from conftest import REPO, build_tiny_models  # noqa: F401  (conftest fixtures)
+from conftest import REPO
+from test_hf_encoders import hf_models  # noqa: F401  (fixture: tiny CLIP / SigLIP / Whisper / CLAP folders)
 from micl.cli import main
 from micl.config import load_recipe
 from micl.data.orders import resolve_order
@@ -26,18 +24,6 @@ def test_recipe_is_the_reference_setup():
     assert "accelerate launch --config_file recipes/accelerate/" in RECIPE.read_text()
     assert resolve_order(config.order) == ["audiocaps", "flickr30k", "msvd_qa", "clotho_aqa", "okvqa", "msrvtt"]
     assert resolve_order("paper_order2") == ["flickr30k", "msrvtt", "msvd_qa", "okvqa", "audiocaps", "clotho_aqa"]
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
-
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    torch.manual_seed(0)
-    CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                                     num_hidden_layers=1, num_attention_heads=2)).save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return str(folder)
 
 
 def _real_task_data(synth_root, out):
@@ -59,14 +45,14 @@ def _real_task_data(synth_root, out):
                                              "references": refs}) + "\n")
 
 
-def test_two_real_tasks_end_to_end_with_tiny_models_of_the_same_kinds(tiny_models, tiny_clip, synth_root, tmp_path):
+def test_two_real_tasks_end_to_end_with_tiny_models_of_the_same_kinds(tiny_models, hf_models, synth_root, tmp_path):
     data = tmp_path / "data"
     _real_task_data(synth_root, data)
     out = tmp_path / "run"
     assert main(["train", str(RECIPE),
                  f"output_dir={out}", f"data.root={data}", "order=[flickr30k,clotho_aqa]",
-                 f"model.llm={tiny_models['llm']}", f"model.image_encoder={tiny_clip}",
-                 f"model.audio_encoder={tiny_models['whisper']}",
+                 f"model.llm={tiny_models['llm']}", f"model.image_encoder={hf_models['clip_vision']}",
+                 f"model.audio_encoder={hf_models['clap_audio']}",  # the recipe's kinds: CLIP tower, CLAP tower
                  "model.image_tokens=16", "model.audio_tokens=4",  # the tiny towers' grids are smaller
                  "data.max_train_samples=8", "data.max_eval_samples=4", "train.epochs=1", "train.batch_size=4",
                  "train.grad_accum=1", "train.save_steps=1", "train.tensorboard=false", "eval.batch_size=4",
@@ -78,5 +64,6 @@ def test_two_real_tasks_end_to_end_with_tiny_models_of_the_same_kinds(tiny_model
     assert step["metrics"]["flickr30k"]["metric"] == "cider" and step["metrics"]["clotho_aqa"]["metric"] == "exact_match"
     model = json.loads((out / "step_1_clotho_aqa" / "micl_model.json").read_text())
     assert model["dtype"] == "bfloat16" and model["encoders"]["image"].startswith("image|")
+    assert "clap" in model["encoders"]["audio"]
     # MoInCL ran: pseudo captions of the QA inputs by the previous step's model (beam 5, as the recipe says)
     assert (out / "pseudo_targets").is_dir()

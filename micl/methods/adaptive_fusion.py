@@ -5,8 +5,10 @@ later task cannot change how an earlier one fuses. Tasks with one medium are lef
 modulator passes their tokens through), so the method composes with any other hook except another media
 modulator (harmony).
 
-The paper trains with 0.7 L_CW + 0.3 L_MI, losses of a classifier over class prototypes; micl's tasks are
-generative, so the LM cross-entropy (and whatever other hooks add) trains the routers and projectors.
+The paper trains with 0.7 L_CW + 0.3 L_MI. L_CW is a classifier's loss over class prototypes; micl's tasks
+are generative, so the LM cross-entropy takes its place. L_MI (mutual information between the modalities)
+becomes `mi_weight` x a paired InfoNCE between each sample's pooled video and audio tokens, whose similarity
+is the Pearson r of the gate: it teaches the projectors to correlate a video with its own sound.
 After each task, `<run>/adaptive_fusion/step_<k>_<task>.json` records the fusion decisions over the task's
 training samples (share fused, mean r, mean router weights, which modality was kept alone).
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from ..modeling.fusion import AdaptiveFusion
+from ..modeling.fusion import AdaptiveFusion, paired_infonce
 from ..utils.io import atomic_write_json
 from .base import ContinualMethod, StepContext, unwrap_model
 
@@ -30,6 +32,10 @@ OTHER_MODULATORS = ("harmony",)
 class AdaptiveFusionArgs:
     threshold: float = field(default=0.8, metadata={"help": "Pearson r at or above which the two media are "
                                                             "fused; below it the stronger one is used alone"})
+    mi_weight: float = field(default=0.3, metadata={
+        "help": "weight of the paired InfoNCE between a sample's pooled video and audio (the paper's L_MI)"})
+    mi_temperature: float = field(default=0.3, metadata={
+        "help": "temperature of that InfoNCE (0.3 pulls matched pairs past r = 0.8; 0.1 stalls near it)"})
     statistics_samples: int | None = field(default=None, metadata={
         "help": "training samples per task over which the fusion decisions are recorded (None = all)"})
 
@@ -37,6 +43,8 @@ class AdaptiveFusionArgs:
         if not -1.0 <= self.threshold <= 1.0:
             raise ConfigError(f"method_args.adaptive_fusion.threshold: a correlation threshold in [-1, 1], "
                               f"got {self.threshold}")
+        if self.mi_weight < 0 or self.mi_temperature <= 0:
+            raise ConfigError("method_args.adaptive_fusion: mi_weight must be >= 0 and mi_temperature > 0")
         if self.statistics_samples is not None and self.statistics_samples < 0:
             raise ConfigError("method_args.adaptive_fusion.statistics_samples: must be >= 0 or null")
 
@@ -70,6 +78,15 @@ class AdaptiveFusionMethod(ContinualMethod):
             fusion.add_task(ctx.task.name)
         for task in fusion.tasks:  # only the current task's router learns
             fusion.router(task).requires_grad_(task == ctx.task.name)
+
+    def extra_loss(self, model, batch: dict, outputs, ctx: StepContext):
+        """mi_weight x paired InfoNCE of the main forward's video/sound pairs (needs two of them)."""
+        fusion = unwrap_model(ctx.model if ctx is not None and ctx.model is not None else model).media_modulator
+        pooled = getattr(fusion, "last_pooled", None)
+        if pooled is None or self.args.mi_weight == 0 or pooled[0].shape[0] < 2:
+            return None
+        fusion.last_pooled = None
+        return self.args.mi_weight * paired_infonce(*pooled, self.args.mi_temperature)
 
     def on_task_end(self, ctx: StepContext) -> None:
         model = unwrap_model(ctx.model)

@@ -17,6 +17,9 @@ Choices where the paper leaves details open (docs/adaptive_fusion.md):
 - "Stronger" is the modality the task's router weighs more. In the alone branch the kept tokens get the
   straight-through scale 1 + w - stop_grad(w) (value 1): the router still learns there, so the choice of
   the stronger modality can change during training instead of freezing at its initial value.
+- The paper's mutual-information term (0.3 L_MI next to 0.7 L_CW) becomes `paired_infonce` between p_v and
+  p_a of the same sample (the method's `mi_weight`, default 0.3): with centred vectors its similarity is
+  the Pearson r the gate reads, so it teaches the projectors to correlate a video with its own sound.
 - The reference follows the fusion with attention; here the fused tokens go into the LLM, whose own
   self-attention attends across both token blocks.
 - One router per task (a Linear 2d -> 2, zero-initialised: equal weights at the start). A row of a task
@@ -30,6 +33,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def paired_infonce(x: torch.Tensor, y: torch.Tensor, temperature: float = 0.3) -> torch.Tensor:
+    """Symmetric InfoNCE of n paired vectors [n, d]: pair i is the positive of i, the other rows negatives.
+    Vectors are centred over their dimensions before the cosine, so the similarity is their Pearson r: the
+    loss raises the correlation the fusion gate reads for matching video/sound pairs."""
+    x = F.normalize(x - x.mean(-1, keepdim=True), dim=-1)
+    y = F.normalize(y - y.mean(-1, keepdim=True), dim=-1)
+    logits = x @ y.T / temperature
+    labels = torch.arange(x.shape[0], device=x.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -53,6 +67,7 @@ class AdaptiveFusion(nn.Module):
         for task in tasks:
             self.add_task(task)
         self.last_decisions: dict | None = None  # the last forward's decisions, detached (for statistics)
+        self.last_pooled: tuple | None = None  # (p_v, p_a) of the last training forward, for an alignment loss
 
     def modulator_config(self) -> dict:
         return {"dim": self.dim, "threshold": self.threshold, "tasks": list(self.tasks),
@@ -98,7 +113,7 @@ class AdaptiveFusion(nn.Module):
 
     def forward(self, projected: dict[str, torch.Tensor], media_rows=None, media_tasks=None) -> dict:
         first, second = self.modalities
-        self.last_decisions = None
+        self.last_decisions = self.last_pooled = None
         if media_rows is None or first not in projected or second not in projected:
             return projected
         rows_first, rows_second = media_rows[first].tolist(), media_rows[second].tolist()
@@ -110,7 +125,10 @@ class AdaptiveFusion(nn.Module):
         index_x = torch.tensor([i for i, _, _ in pairs], device=x.device)
         index_y = torch.tensor([j for _, j, _ in pairs], device=y.device)
         tasks = [media_tasks[row] if media_tasks is not None else "" for _, _, row in pairs]
-        decision = self.decide(x[index_x].mean(1), y[index_y].mean(1), tasks)
+        pooled_x, pooled_y = x[index_x].mean(1), y[index_y].mean(1)
+        if self.training and torch.is_grad_enabled():
+            self.last_pooled = (pooled_x, pooled_y)
+        decision = self.decide(pooled_x, pooled_y, tasks)
         scale = self.scales(decision)
         self.last_decisions = {"rows": [row for _, _, row in pairs], "tasks": tasks,
                                **{k: v.detach() for k, v in decision.items()}}

@@ -41,32 +41,15 @@ Options: none.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
-from ...errors import ConfigError, DataError
+from .common import AUDIO_EXTS, check_options, list_media, read_csv
 from .writer import DatasetWriter
 
 TASK = "audiocaps"
 
 SPLIT_FILES = {"train": "train.csv", "val": "val.csv", "test": "test.csv"}
 COLUMNS = ("audiocap_id", "youtube_id", "start_time", "caption")
-AUDIO_EXTS = (".wav", ".flac", ".mp3", ".ogg", ".m4a")
-
-
-def read_csv(path: Path, columns: tuple[str, ...], what: str) -> list[tuple[int, dict]]:
-    """(line number, row) for each data row; DataError naming the file for a missing file or column."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found ({what} needs it, a CSV with header {','.join(columns)})")
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        header = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {', '.join(missing)} (expected header "
-                            f"{','.join(columns)}, got {','.join(header) or 'an empty file'})")
-        reader.fieldnames = header
-        return [(reader.line_num, {k: (v or "") for k, v in row.items() if k is not None}) for row in reader]
 
 
 def _start_names(raw: str) -> list[str]:
@@ -92,15 +75,7 @@ class AudioIndex:
 
     def _listing(self, folder: Path) -> dict[str, Path]:
         if folder not in self._listings:
-            found: dict[str, Path] = {}
-            if folder.is_dir():
-                for p in folder.iterdir():
-                    ext = p.suffix.lower()
-                    if ext in AUDIO_EXTS and p.is_file():
-                        best = found.get(p.stem)
-                        if best is None or AUDIO_EXTS.index(ext) < AUDIO_EXTS.index(best.suffix.lower()):
-                            found[p.stem] = p
-            self._listings[folder] = found
+            self._listings[folder] = list_media(folder, AUDIO_EXTS)
         return self._listings[folder]
 
     def split_index(self, split: str) -> dict[str, Path]:
@@ -120,8 +95,7 @@ def candidate_names(youtube_id: str, start_time: str, audiocap_ids: list[str]) -
 
 
 def convert(root: Path, writer: DatasetWriter, **options) -> None:
-    if options:
-        raise ConfigError(f"audiocaps: unknown option(s) {', '.join(sorted(options))} (audiocaps takes no option)")
+    check_options(TASK, options)
     root = Path(root)
     tables = {split: read_csv(root / name, COLUMNS, "AudioCaps") for split, name in SPLIT_FILES.items()}
     audio = AudioIndex(root)

@@ -35,7 +35,7 @@ from collections import Counter
 from pathlib import Path
 
 from ...errors import ConfigError
-from .audiocaps import AUDIO_EXTS, read_csv
+from .common import AUDIO_EXTS, read_csv
 from .writer import DatasetWriter
 
 TASK = "clotho_aqa"

@@ -42,11 +42,10 @@ Options (``--option KEY=VALUE``):
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from ...errors import ConfigError, DataError
+from .common import check_options, fraction, media_finder, read_json, unit
 from .writer import DatasetWriter
 
 TASK = "flickr30k"
@@ -60,36 +59,11 @@ DEFAULT_VAL_FRACTION = 0.03
 DEFAULT_TEST_FRACTION = 0.03
 
 
-def _fraction(options: dict, key: str, default: float) -> float:
-    value = options.get(key, default)
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"flickr30k option {key}={options[key]!r}: expected a number in [0, 1)") from None
-    if not 0.0 <= value < 1.0:
-        raise ConfigError(f"flickr30k option {key}={options[key]!r}: expected a number in [0, 1)")
-    return value
-
-
-def _unit(key: str) -> float:
-    """A deterministic number in [0, 1) from the sha1 of `key` (not Python's salted hash)."""
-    return int(hashlib.sha1(key.encode("utf-8")).hexdigest(), 16) / 16 ** 40
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object with the key 'images'")
-    return data
-
-
 def _karpathy(path: Path) -> list[tuple[str, str, str, list[str]]]:
     """(media id, file name, split, captions) per image of the split file, in file order."""
-    data = _read_json(path)
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object with the key 'images'")
     if not isinstance(data.get("images"), list):
         raise DataError(f"{path}: expected a list under 'images' (Karpathy's split file: "
                         "images[].filename/split/sentences[].raw)")
@@ -129,23 +103,6 @@ def _token(path: Path) -> dict[str, tuple[str, list[str]]]:
     return {name: (name, [caps[k] for k in sorted(caps)]) for name, caps in captions.items()}
 
 
-def _image_finder(root: Path, images: str | None):
-    if images is not None:
-        folder = Path(images) if Path(images).is_absolute() else root / images
-        if not folder.is_dir():
-            raise ConfigError(f"flickr30k option images={images!r}: {folder} is not a folder")
-        return lambda name: folder / name
-    folders = [root / d for d in IMAGE_DIRS if (root / d).is_dir()]
-
-    def find(name: str) -> Path:
-        for folder in folders:
-            if (folder / name).is_file():
-                return folder / name
-        return root / IMAGE_DIRS[0] / name  # reported as missing
-
-    return find
-
-
 def _add_image(writer: DatasetWriter, split: str, media_id: str, path: Path, captions: list[str]) -> None:
     if not captions:
         writer.skip(split, media_id, "no caption")
@@ -163,9 +120,7 @@ def _add_image(writer: DatasetWriter, split: str, media_id: str, path: Path, cap
 
 
 def convert(root: Path, writer: DatasetWriter, **options) -> None:
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ConfigError(f"flickr30k: unknown option(s) {', '.join(unknown)} (valid: {', '.join(OPTIONS)})")
+    check_options(TASK, options, OPTIONS)
     split_file = root / SPLIT_FILE
     token_file = next((root / n for n in TOKEN_FILES if (root / n).is_file()), root / TOKEN_FILES[0])
     has_split = split_file.is_file()
@@ -186,7 +141,7 @@ def convert(root: Path, writer: DatasetWriter, **options) -> None:
         if given:
             raise ConfigError(f"flickr30k option {given[0]}: only for the token file alone; the splits come "
                               f"from {split_file}")
-    find = _image_finder(root, options.get("images"))
+    find = media_finder(root, IMAGE_DIRS, TASK, "images", options.get("images"), missing=root / IMAGE_DIRS[0])
 
     if has_split:
         images = _karpathy(split_file)
@@ -210,13 +165,13 @@ def convert(root: Path, writer: DatasetWriter, **options) -> None:
                 writer.skip("unsplit", Path(name).stem, f"not in {SPLIT_FILE} (no split)")
         return
 
-    val_fraction = _fraction(options, "val_fraction", DEFAULT_VAL_FRACTION)
-    test_fraction = _fraction(options, "test_fraction", DEFAULT_TEST_FRACTION)
+    val_fraction = fraction(TASK, options, "val_fraction", DEFAULT_VAL_FRACTION)
+    test_fraction = fraction(TASK, options, "test_fraction", DEFAULT_TEST_FRACTION)
     if val_fraction + test_fraction >= 1.0:
         raise ConfigError(f"flickr30k options val_fraction={val_fraction} + test_fraction={test_fraction}: "
                           "must leave images for train (sum < 1)")
     for name, captions in _token(token_file).values():
         media_id = Path(name).stem
-        u = _unit(media_id)
+        u = unit(media_id)
         split = "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
         _add_image(writer, split, media_id, find(name), captions)

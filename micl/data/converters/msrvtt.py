@@ -29,10 +29,10 @@ Options (``--option KEY=VALUE``):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ...errors import ConfigError, DataError
+from ...errors import DataError
+from .common import check_options, media_finder, read_json
 from .writer import DatasetWriter
 
 TASK = "msrvtt"
@@ -53,11 +53,7 @@ def _find_file(root: Path, name: str) -> Path:
 
 
 def _read(path: Path) -> tuple[list[dict], list[dict]]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    data = read_json(path)
     for key, fields in (("videos", ("video_id", "split")), ("sentences", ("video_id", "caption"))):
         if not isinstance(data, dict) or not isinstance(data.get(key), list):
             raise DataError(f"{path}: expected a list under '{key}' ({key}[].{'/'.join(fields)})")
@@ -69,29 +65,10 @@ def _read(path: Path) -> tuple[list[dict], list[dict]]:
     return data["videos"], data["sentences"]
 
 
-def _video_finder(root: Path, videos: str | None):
-    if videos is not None:
-        folder = Path(videos) if Path(videos).is_absolute() else root / videos
-        if not folder.is_dir():
-            raise ConfigError(f"msrvtt option videos={videos!r}: {folder} is not a folder")
-        return lambda name: folder / name
-    folders = [root / d for d in VIDEO_DIRS if (root / d).is_dir()]
-
-    def find(name: str) -> Path:
-        for folder in folders:
-            if (folder / name).is_file():
-                return folder / name
-        return (folders[0] if folders else root) / name  # reported as missing
-
-    return find
-
-
 def convert(root: Path, writer: DatasetWriter, **options) -> None:
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ConfigError(f"msrvtt: unknown option(s) {', '.join(unknown)} (valid: {', '.join(OPTIONS)})")
+    check_options(TASK, options, OPTIONS)
     files = [(path, *_read(path)) for path in (_find_file(root, name) for name in FILES)]
-    find = _video_finder(root, options.get("videos"))
+    find = media_finder(root, VIDEO_DIRS, TASK, "videos", options.get("videos"))
     for path, videos, sentences in files:
         captions: dict[str, list[str]] = {}
         for sentence in sentences:

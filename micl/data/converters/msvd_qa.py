@@ -28,10 +28,10 @@ Options: none.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ...errors import ConfigError, DataError
+from ...errors import DataError
+from .common import check_options, list_media, read_json
 from .writer import DatasetWriter
 
 TASK = "msvd_qa"
@@ -80,17 +80,7 @@ def index_videos(root: Path) -> dict[str, Path]:
     """clip name -> video file, listing each folder once (earlier folder / extension wins)."""
     index: dict[str, Path] = {}
     for sub in VIDEO_DIRS:
-        folder = root / sub if sub else root
-        if not folder.is_dir():
-            continue
-        found: dict[str, Path] = {}
-        for p in folder.iterdir():
-            ext = p.suffix.lower()
-            if ext in VIDEO_EXTS and p.is_file():
-                best = found.get(p.stem)
-                if best is None or VIDEO_EXTS.index(ext) < VIDEO_EXTS.index(best.suffix.lower()):
-                    found[p.stem] = p
-        for stem, p in found.items():
+        for stem, p in list_media(root / sub if sub else root, VIDEO_EXTS).items():
             index.setdefault(stem, p)
     return index
 
@@ -99,11 +89,7 @@ def read_split(path: Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: file not found (MSVD-QA needs {', '.join(SPLIT_FILES.values())}: "
                         f"JSON lists of {{question, answer, video_id, id}})")
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            entries = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    entries = read_json(path, encoding="utf-8-sig")
     if not isinstance(entries, list):
         raise DataError(f"{path}: expected a JSON list of {{question, answer, video_id, id}}, "
                         f"got {type(entries).__name__}")
@@ -119,8 +105,7 @@ def read_split(path: Path) -> list[dict]:
 
 
 def convert(root: Path, writer: DatasetWriter, **options) -> None:
-    if options:
-        raise ConfigError(f"msvd_qa: unknown option(s) {', '.join(sorted(options))} (msvd_qa takes no option)")
+    check_options(TASK, options)
     root = Path(root)
     splits = {split: read_split(root / name) for split, name in SPLIT_FILES.items()}
     mapping = read_mapping(root / MAPPING_FILE)

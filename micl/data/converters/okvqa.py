@@ -34,12 +34,11 @@ Options (``--option KEY=VALUE``):
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import Counter
 from pathlib import Path
 
-from ...errors import ConfigError, DataError
+from ...errors import DataError
+from .common import check_options, fraction, option_folder, read_json, unit
 from .writer import DatasetWriter
 
 TASK = "okvqa"
@@ -53,19 +52,10 @@ OPTIONS = ("val_fraction", "images")
 DEFAULT_VAL_FRACTION = 0.1
 
 
-def _unit(key: str) -> float:
-    """A deterministic number in [0, 1) from the sha1 of `key` (not Python's salted hash)."""
-    return int(hashlib.sha1(key.encode("utf-8")).hexdigest(), 16) / 16 ** 40
-
-
 def _read_list(path: Path, key: str, fields: tuple[str, ...], expected: str) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: not found (expected {expected})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
         raise DataError(f"{path}: expected a list under '{key}' ({expected})")
     for i, item in enumerate(data[key]):
@@ -94,21 +84,9 @@ def _most_frequent(answers: list[str]) -> str:
 
 
 def convert(root: Path, writer: DatasetWriter, **options) -> None:
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ConfigError(f"okvqa: unknown option(s) {', '.join(unknown)} (valid: {', '.join(OPTIONS)})")
-    raw = options.get("val_fraction", DEFAULT_VAL_FRACTION)
-    try:
-        val_fraction = float(raw)
-    except (TypeError, ValueError):
-        val_fraction = -1.0
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"okvqa option val_fraction={raw!r}: expected a number in [0, 1)")
-    image_root = root
-    if "images" in options:
-        image_root = Path(options["images"]) if Path(options["images"]).is_absolute() else root / options["images"]
-        if not image_root.is_dir():
-            raise ConfigError(f"okvqa option images={options['images']!r}: {image_root} is not a folder")
+    check_options(TASK, options, OPTIONS)
+    val_fraction = fraction(TASK, options, "val_fraction", DEFAULT_VAL_FRACTION)
+    image_root = option_folder(root, TASK, "images", options["images"]) if "images" in options else root
 
     # read (and check) all four files before writing anything
     subsets = {}
@@ -132,7 +110,7 @@ def convert(root: Path, writer: DatasetWriter, **options) -> None:
         for question in questions:
             qid = str(question["question_id"])
             split = SUBSETS[subset]
-            if split == "train" and _unit(qid) < val_fraction:
+            if split == "train" and unit(qid) < val_fraction:
                 split = "val"
             asked.add(qid)
             if qid not in by_question:

@@ -57,7 +57,8 @@ class ClapAudioTower(MediaEncoder):
         model, info = cls.from_pretrained(self.name, dtype=torch.float32, output_loading_info=True)
         missing = sorted(k for k in info["missing_keys"] if k.startswith(prefix))
         if missing:  # from_pretrained would leave them randomly initialised
-            raise ConfigError(f"{KEY}: {self.name!r} has no CLAP audio weights ({len(missing)} missing, e.g. {missing[0]})")
+            raise ConfigError(f"{KEY}: {self.name!r} has no CLAP audio weights "
+                              f"({len(missing)} missing, e.g. {missing[0]})")
         return (model.audio_model if self.full_model else model).eval()
 
     @cached_property
@@ -91,8 +92,8 @@ class ClapAudioTower(MediaEncoder):
         is_longer = torch.tensor([[len(w) > window] for w in waveforms])
         states = last_hidden_state(self.model(input_features=features, is_longer=is_longer), self.name, KEY)
         if states.dim() != 4 or states.shape[1] != self.output_dim:
-            raise ConfigError(f"{KEY}: CLAP audio tower {self.name!r} returned last_hidden_state {tuple(states.shape)}, "
-                              f"expected [B, {self.output_dim}, F, T]")
+            raise ConfigError(f"{KEY}: CLAP audio tower {self.name!r} returned last_hidden_state "
+                              f"{tuple(states.shape)}, expected [B, {self.output_dim}, F, T]")
         sequence = states.mean(dim=2).transpose(1, 2)  # [B, T, C]
         steps = sequence.shape[1]
         pooled = []
