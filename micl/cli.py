@@ -150,18 +150,22 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--n-val", type=int, default=16)
     synth.add_argument("--n-test", type=int, default=24)
     synth.set_defaults(func=_synth)
-    from .data.converters import CONVERTERS
+    from .data.converters import CONVERTERS, converter_module
 
     prepare = data_commands.add_parser(
         "prepare", help="convert a real dataset from its official layout (docs/reproducing_moincl.md)",
         description="Writes OUT/<task>/{train,val,test}.jsonl (media paths relative to OUT, the data root of a "
-                    "recipe); prints the counts and every skipped sample with its reason.")
-    prepare.add_argument("dataset", choices=list(CONVERTERS))
-    prepare.add_argument("--root", required=True, help="the downloaded dataset, in its official layout")
-    prepare.add_argument("--out", required=True, help="data root to write into (shared by all datasets)")
-    prepare.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
-                         help="converter setting (see the converter's docstring), repeatable")
-    prepare.set_defaults(func=_prepare)
+                    "recipe); prints the counts and every skipped sample with its reason. "
+                    "`micl data prepare DATASET --help` describes the layout DATASET expects.")
+    datasets = prepare.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    for name in CONVERTERS:
+        dataset = datasets.add_parser(name, help=f"the {name} task", description=converter_module(name).__doc__,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+        dataset.add_argument("--root", required=True, help="the downloaded dataset, in its official layout")
+        dataset.add_argument("--out", required=True, help="data root to write into (shared by all datasets)")
+        dataset.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                             help="converter setting (see above), repeatable")
+        dataset.set_defaults(func=_prepare)
     return parser
 
 

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from micl.cli import main
 
 
@@ -63,3 +65,11 @@ def test_compare_runs_methods_and_orders_and_writes_the_table(tiny_models, synth
     stored["lora"]["r"] = 4
     config_file.write_text(json.dumps(stored))
     assert main(["compare", recipes[0], "--orders", "quick", "--out", str(out), "--set", *overrides]) == 2
+
+
+def test_prepare_help_describes_each_dataset_layout(capsys):
+    for dataset, expected in (("okvqa", "OpenEnded_mscoco_train2014_questions.json"),
+                              ("clotho_aqa", "clotho_aqa_train.csv"), ("flickr30k", "dataset_flickr30k.json")):
+        with pytest.raises(SystemExit) as done:
+            main(["data", "prepare", dataset, "--help"])
+        assert done.value.code == 0 and expected in capsys.readouterr().out
