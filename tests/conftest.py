@@ -89,3 +89,36 @@ def tiny_recipe_overrides(tiny_models: dict, synth_root: Path, output_dir: Path)
         "eval.batch_size=4",
         "eval.max_new_tokens=4",
     ]
+
+
+class Killed(Exception):
+    """Raised by `crashing(...)` methods: a run killed in the middle of a step."""
+
+
+def crashing(method_cls, hook: str = "extra_loss", step: int = 1, call: int = 2):
+    """A subclass of `method_cls` whose `hook` raises Killed at its `call`-th call in `step` (with
+    train.save_steps=1, call 2 of step 1 comes after the step's checkpoint-1 is on disk)."""
+    calls = {"n": 0}
+
+    def hooked(self, *args, **kwargs):
+        ctx = args[-1]  # every hook takes the StepContext last
+        if ctx.step == step:
+            calls["n"] += 1
+            if calls["n"] == call:
+                raise Killed()
+        return getattr(method_cls, hook)(self, *args, **kwargs)
+
+    return type(f"Crashing{method_cls.__name__}", (method_cls,), {hook: hooked})
+
+
+def prepare_cli(capsys, dataset: str, root: Path, out: Path, *options: str) -> tuple[int, list[str], str]:
+    """`micl data prepare DATASET --root ROOT --out OUT [--option ...]`: exit code, stdout lines, stderr."""
+    from micl.cli import main
+
+    argv = ["data", "prepare", dataset, "--root", str(root), "--out", str(out)]
+    for option in options:
+        argv += ["--option", option]
+    capsys.readouterr()
+    rc = main(argv)
+    captured = capsys.readouterr()
+    return rc, captured.out.splitlines(), captured.err

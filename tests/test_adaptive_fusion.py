@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_recipe_overrides
+from conftest import Killed, crashing, REPO, tiny_recipe_overrides
 from micl.cli import main
 from micl.config import LoraArgs
 from micl.data.collator import MultimodalCollator
@@ -207,29 +207,13 @@ def test_two_task_run_trains_a_router_per_task_and_freezes_it(tiny_models, synth
     assert not (out / "adaptive_fusion" / "step_1_synth_video_qa.json").exists()  # one medium: no router
 
 
-class Killed(Exception):
-    pass
-
-
-class Crash(AdaptiveFusionMethod):
-    calls = 0
-
-    def augment_batch(self, batch, ctx):
-        if ctx.step == 1:
-            Crash.calls += 1
-            if Crash.calls == 2:  # checkpoint-1 of step 1 (of 2 optimizer steps) is on disk
-                raise Killed()
-        return batch
-
-
 def test_killed_run_resumes_mid_task_to_the_same_router(tiny_models, synth_root, tmp_path, monkeypatch):
     # the modulator comes from step 0's phase folder, the audio-visual task's router from the checkpoint
     order = ("order=[synth_video_qa,synth_av_caption]", "method_args.adaptive_fusion.threshold=-1.0")
     reference = tmp_path / "reference"
     assert run(tiny_models, synth_root, reference, *order) == 0
     killed = tmp_path / "killed"
-    monkeypatch.setitem(METHODS, "adaptive_fusion", Crash)
-    Crash.calls = 0
+    monkeypatch.setitem(METHODS, "adaptive_fusion", crashing(AdaptiveFusionMethod, "augment_batch"))
     with pytest.raises(Killed):
         run(tiny_models, synth_root, killed, *order)
     assert not (killed / "step_1_synth_av_caption").exists()

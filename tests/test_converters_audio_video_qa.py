@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from micl.cli import main
+from conftest import prepare_cli
 from micl.data.converters import prepare_dataset
 from micl.data.tasks import SPLITS, load_task_split
 from micl.errors import ConfigError, DataError
@@ -77,16 +77,6 @@ def skipped_map(report) -> dict[tuple[str, str], str]:
     return {(s.split, s.sample): s.reason for s in report.skipped}
 
 
-def run_cli(capsys, dataset: str, root: Path, out: Path, *options: str) -> tuple[int, list[str], str]:
-    argv = ["data", "prepare", dataset, "--root", str(root), "--out", str(out)]
-    for option in options:
-        argv += ["--option", option]
-    capsys.readouterr()
-    rc = main(argv)
-    captured = capsys.readouterr()
-    return rc, captured.out.splitlines(), captured.err
-
-
 def same_files(a: Path, b: Path, task: str) -> None:
     for split in SPLITS:
         assert (a / task / f"{split}.jsonl").read_text() == (b / task / f"{split}.jsonl").read_text()
@@ -140,7 +130,7 @@ def test_msvd_qa(tmp_path, capsys):
     assert skipped[("train", "4")] == "empty question"
     assert skipped[("train", "5")] == "empty answer"
 
-    rc, lines, _ = run_cli(capsys, "msvd_qa", root, tmp_path / "cli")
+    rc, lines, _ = prepare_cli(capsys, "msvd_qa", root, tmp_path / "cli")
     assert rc == 0
     assert lines[-1] == f"msvd_qa: train 2, val 1, test 2 -> {tmp_path / 'cli' / 'msvd_qa'}; 4 skipped"
     assert sorted(lines[:-1]) == sorted(str(s) for s in report.skipped)
@@ -153,7 +143,7 @@ def test_msvd_qa_errors(tmp_path, capsys):
     (root / "youtube_mapping.txt").rename(root / "mapping.bak")
     with pytest.raises(DataError, match="youtube_mapping.txt: file not found"):
         prepare_dataset("msvd_qa", root, tmp_path / "out")
-    rc, _, err = run_cli(capsys, "msvd_qa", root, tmp_path / "out")
+    rc, _, err = prepare_cli(capsys, "msvd_qa", root, tmp_path / "out")
     assert rc == 2 and "youtube_mapping.txt" in err
     (root / "mapping.bak").rename(root / "youtube_mapping.txt")
 
@@ -237,7 +227,7 @@ def test_audiocaps(tmp_path, capsys):
     for key in (("train", "ccccccccccc_20#0"), ("test", "hhhhhhhhhhh_0")):
         assert skipped[key].startswith("missing media file for clip")
 
-    rc, lines, _ = run_cli(capsys, "audiocaps", root, tmp_path / "cli")
+    rc, lines, _ = prepare_cli(capsys, "audiocaps", root, tmp_path / "cli")
     assert rc == 0
     assert lines[-1] == f"audiocaps: train 3, val 2, test 1 -> {tmp_path / 'cli' / 'audiocaps'}; 4 skipped"
     assert "skipped val/fffffffffff_0#2: empty caption" in lines
@@ -253,7 +243,7 @@ def test_audiocaps_errors(tmp_path, capsys):
     write_csv(root / "test.csv", ["audiocap_id", "youtube_id", "start_time", "text"], [[1, "ggggggggggg", 50, "x"]])
     with pytest.raises(DataError, match=r"test.csv: missing column\(s\) caption"):
         prepare_dataset("audiocaps", root, tmp_path / "out")
-    rc, _, err = run_cli(capsys, "audiocaps", root, tmp_path / "out")
+    rc, _, err = prepare_cli(capsys, "audiocaps", root, tmp_path / "out")
     assert rc == 2 and "missing column(s) caption" in err
     assert not (tmp_path / "out").exists()
 
@@ -318,14 +308,14 @@ def test_clotho_aqa(tmp_path, capsys):
     assert "missing media file" in skipped[("train", "lost.wav#0")]
     assert skipped[("train", "street.wav#0")] == "empty question"
 
-    rc, lines, _ = run_cli(capsys, "clotho_aqa", root, tmp_path / "cli")
+    rc, lines, _ = prepare_cli(capsys, "clotho_aqa", root, tmp_path / "cli")
     assert rc == 0
     assert lines[-1] == f"clotho_aqa: train 2, val 1, test 1 -> {tmp_path / 'cli' / 'clotho_aqa'}; 3 skipped"
     assert "skipped train/street.wav#0: empty question" in lines
     same_files(out, tmp_path / "cli", "clotho_aqa")
 
     # confidence=all keeps every answer
-    rc, lines, _ = run_cli(capsys, "clotho_aqa", root, tmp_path / "all", "confidence=all")
+    rc, lines, _ = prepare_cli(capsys, "clotho_aqa", root, tmp_path / "all", "confidence=all")
     assert rc == 0
     assert lines[-1] == f"clotho_aqa: train 3, val 1, test 1 -> {tmp_path / 'all' / 'clotho_aqa'}; 2 skipped"
     data = load_all(tmp_path / "all", "clotho_aqa")
@@ -343,7 +333,7 @@ def test_clotho_aqa_errors(tmp_path, capsys):
         prepare_dataset("clotho_aqa", root, tmp_path / "out", confidence="maybe")
     with pytest.raises(ConfigError, match="unknown option.*threshold"):
         prepare_dataset("clotho_aqa", root, tmp_path / "out", threshold="1")
-    rc, _, err = run_cli(capsys, "clotho_aqa", root, tmp_path / "out", "confidence=maybe")
+    rc, _, err = prepare_cli(capsys, "clotho_aqa", root, tmp_path / "out", "confidence=maybe")
     assert rc == 2 and "confidence" in err
 
     (root / "clotho_aqa_val.csv").unlink()

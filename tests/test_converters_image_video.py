@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from micl.cli import main
+from conftest import prepare_cli
 from micl.data.converters import prepare_dataset
 from micl.data.synth import _save_mp4
 from micl.data.tasks import SPLITS, load_task_split
@@ -46,16 +46,6 @@ def _load(out: Path, task: str) -> dict[str, list[dict]]:
             assert (out / row["media"]).is_file(), row
             assert not Path(row["media"]).is_absolute()
     return rows
-
-
-def _cli(capsys, dataset: str, root: Path, out: Path, *options: str) -> tuple[int, list[str], str]:
-    argv = ["data", "prepare", dataset, "--root", str(root), "--out", str(out)]
-    for option in options:
-        argv += ["--option", option]
-    capsys.readouterr()
-    rc = main(argv)
-    captured = capsys.readouterr()
-    return rc, captured.out.splitlines(), captured.err
 
 
 def _skips(report) -> dict[tuple[str, str], str]:
@@ -116,7 +106,7 @@ def test_flickr30k_karpathy(tmp_path, capsys):
 
     # the CLI: the same files, every skipped sample and the counts line on stdout
     first = {s: (out / "flickr30k" / f"{s}.jsonl").read_bytes() for s in SPLITS}
-    rc, lines, err = _cli(capsys, "flickr30k", root, out)
+    rc, lines, err = prepare_cli(capsys, "flickr30k", root, out)
     assert rc == 0, err
     assert {s: (out / "flickr30k" / f"{s}.jsonl").read_bytes() for s in SPLITS} == first
     assert sorted(lines[:-1]) == sorted(str(s) for s in report.skipped)
@@ -126,7 +116,7 @@ def test_flickr30k_karpathy(tmp_path, capsys):
 
 def test_flickr30k_token_captions_with_karpathy_splits(tmp_path, capsys):
     root, out = _flickr_root(tmp_path / "flickr30k"), tmp_path / "data"
-    rc, lines, err = _cli(capsys, "flickr30k", root, out, "captions=token")
+    rc, lines, err = prepare_cli(capsys, "flickr30k", root, out, "captions=token")
     assert rc == 0, err
     assert lines[-1] == f"flickr30k: train 10, val 1, test 1 -> {out / 'flickr30k'}; 5 skipped"
     assert sorted(lines[:-1]) == sorted(["skipped test/1005: no caption in results_20130124.token",
@@ -180,10 +170,10 @@ def test_flickr30k_errors(tmp_path, capsys):
         prepare_dataset("flickr30k", root, out, val_fraction="0.1")
     with pytest.raises(ConfigError, match="unknown option.*colour"):
         prepare_dataset("flickr30k", root, out, colour="red")
-    rc, _, err = _cli(capsys, "flickr30k", root, out, "images=nowhere")
+    rc, _, err = prepare_cli(capsys, "flickr30k", root, out, "images=nowhere")
     assert rc == 2 and "images='nowhere'" in err and "not a folder" in err
     _dump(root / "dataset_flickr30k.json", {"images": [{"filename": "1.jpg", "sentences": []}]})
-    rc, _, err = _cli(capsys, "flickr30k", root, out)
+    rc, _, err = prepare_cli(capsys, "flickr30k", root, out)
     assert rc == 2 and "dataset_flickr30k.json: images[0] (1.jpg): missing 'split'" in err
     assert not (out / "flickr30k").exists()
 
@@ -269,7 +259,7 @@ def test_okvqa(tmp_path, capsys):
     assert rows["test"][1]["media"] == "../okvqa/COCO_val2014_000000000073.jpg"
     assert all(r["task_type"] == "qa" and r["modality"] == "image" for s in rows.values() for r in s)
 
-    rc, lines, err = _cli(capsys, "okvqa", root, out, "val_fraction=0")
+    rc, lines, err = prepare_cli(capsys, "okvqa", root, out, "val_fraction=0")
     assert rc == 0, err
     assert lines[-1] == f"okvqa: train 3, val 0, test 2 -> {out / 'okvqa'}; 5 skipped"
     assert f"skipped train/{ids['no_answers']}: no answers" in lines
@@ -280,12 +270,12 @@ def test_okvqa(tmp_path, capsys):
 def test_okvqa_errors(tmp_path, capsys):
     (root, _), out = _okvqa_root(tmp_path / "okvqa"), tmp_path / "data"
     for value in ("1", "-0.1", "ten"):
-        rc, _, err = _cli(capsys, "okvqa", root, out, f"val_fraction={value}")
+        rc, _, err = prepare_cli(capsys, "okvqa", root, out, f"val_fraction={value}")
         assert rc == 2 and f"val_fraction='{value}'" in err
     with pytest.raises(ConfigError, match="images='coco'"):
         prepare_dataset("okvqa", root, out, images="coco")
     (root / "mscoco_val2014_annotations.json").unlink()
-    rc, _, err = _cli(capsys, "okvqa", root, out)
+    rc, _, err = prepare_cli(capsys, "okvqa", root, out)
     assert rc == 2 and "mscoco_val2014_annotations.json: not found" in err and "answers[].answer" in err
     _dump(root / "mscoco_val2014_annotations.json", {"annotations": [{"question_id": 42001}]})
     with pytest.raises(DataError, match=r"mscoco_val2014_annotations.json: annotations\[0\]: missing answers"):
@@ -347,7 +337,7 @@ def test_msrvtt(tmp_path, capsys):
     assert rows["test"][0]["media"] == "../msrvtt/TestVideo/video5.mp4"
     assert all(r["modality"] == "video" and r["instruction"] == "" for s in rows.values() for r in s)
 
-    rc, lines, err = _cli(capsys, "msrvtt", root, out)
+    rc, lines, err = prepare_cli(capsys, "msrvtt", root, out)
     assert rc == 0, err
     assert lines[-1] == f"msrvtt: train 2, val 1, test 2 -> {out / 'msrvtt'}; 6 skipped"
     assert "skipped val/video3: no caption in train_val_videodatainfo.json" in lines and len(lines) == 7
@@ -361,17 +351,17 @@ def test_msrvtt_other_layouts_and_errors(tmp_path, capsys):
     assert rows["test"][1]["media"] == "../msrvtt/videos/all/video6.mp4"
 
     shutil.move(str(root / "videos" / "all"), str(root / "clips"))
-    rc, lines, err = _cli(capsys, "msrvtt", root, out, "videos=clips")
+    rc, lines, err = prepare_cli(capsys, "msrvtt", root, out, "videos=clips")
     assert rc == 0, err
     assert lines[-1].startswith("msrvtt: train 2, val 1, test 2")
     assert _load(out, "msrvtt")["val"][0]["media"] == "../msrvtt/clips/video2.mp4"
-    rc, _, err = _cli(capsys, "msrvtt", root, out, "videos=nowhere")
+    rc, _, err = prepare_cli(capsys, "msrvtt", root, out, "videos=nowhere")
     assert rc == 2 and "videos='nowhere'" in err
     with pytest.raises(ConfigError, match="unknown option.*fps"):
         prepare_dataset("msrvtt", root, out, fps="2")
 
     (root / "annotation" / "test_videodatainfo.json").unlink()
-    rc, _, err = _cli(capsys, "msrvtt", root, out)
+    rc, _, err = prepare_cli(capsys, "msrvtt", root, out)
     assert rc == 2 and "test_videodatainfo.json: not found" in err and "sentences[].video_id/caption" in err
     _dump(root / "test_videodatainfo.json", {"videos": [{"video_id": "video5"}], "sentences": []})
     with pytest.raises(DataError, match=r"test_videodatainfo.json: videos\[0\]: missing split"):

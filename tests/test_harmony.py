@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_recipe_overrides
+from conftest import Killed, crashing, REPO, tiny_recipe_overrides
 from micl.adapters.gated_lora import GatedLoraConfig, gated_lora_layers, low_rank_factors, reset_gated_lora
 from micl.cli import main
 from micl.data.collator import MultimodalCollator
@@ -250,27 +250,10 @@ def test_two_task_run_phases_reload_to_the_same_logits(reference):
     assert torch.equal(logits(first, recorded[1][0]), recorded[1][1])
 
 
-class Killed(Exception):
-    pass
-
-
-class Crash(Harmony):
-    name = "harmony"
-    calls = 0
-
-    def extra_loss(self, model, batch, outputs, ctx):
-        if ctx.step == 1:
-            Crash.calls += 1
-            if Crash.calls == 2:  # checkpoint-1 of step 1 (of 2 optimizer steps) is on disk
-                raise Killed()
-        return super().extra_loss(model, batch, outputs, ctx)
-
-
 def test_killed_run_resumes_to_the_same_results(reference, tiny_models, synth_root, tmp_path, monkeypatch):
     expected_dir = reference[0]
     out = tmp_path / "killed"
-    monkeypatch.setitem(METHODS, "harmony", Crash)
-    Crash.calls = 0
+    monkeypatch.setitem(METHODS, "harmony", crashing(Harmony))
     with pytest.raises(Killed):
         run(tiny_models, synth_root, out)
     assert (out / "step_0_synth_image_caption" / "metrics.json").is_file()

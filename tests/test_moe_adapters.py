@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_recipe_overrides
+from conftest import Killed, crashing, REPO, tiny_recipe_overrides
 from micl.cli import main
 from micl.errors import ConfigError
 from micl.methods import METHODS
@@ -165,21 +165,6 @@ def test_state_round_trip_reapplies_freezing_at_task_start():
     assert method.state_dict()["frozen"] == {name: [2]}
 
 
-class Killed(Exception):
-    pass
-
-
-class Crash(MoeAdapters):
-    calls = 0
-
-    def extra_loss(self, model, batch, outputs, ctx):
-        if ctx.step == 1:
-            Crash.calls += 1
-            if Crash.calls == 2:  # checkpoint-1 of step 1 (of 2 optimizer steps) is on disk
-                raise Killed()
-        return super().extra_loss(model, batch, outputs, ctx)
-
-
 def test_killed_mid_task_resumes_with_the_same_frozen_experts_and_results(tiny_models, synth_root, tmp_path,
                                                                           monkeypatch):
     # logging every step: the Trainer's train_loss of a resumed step only averages the losses logged so far
@@ -187,8 +172,7 @@ def test_killed_mid_task_resumes_with_the_same_frozen_experts_and_results(tiny_m
     reference = tmp_path / "reference"
     assert run(tiny_models, synth_root, reference, *settings) == 0
     out = tmp_path / "killed"
-    monkeypatch.setitem(METHODS, "moe_adapters", Crash)
-    Crash.calls = 0
+    monkeypatch.setitem(METHODS, "moe_adapters", crashing(MoeAdapters))
     with pytest.raises(Killed):
         run(tiny_models, synth_root, out, *settings)
     assert not (out / "step_1_synth_audio_qa").exists()

@@ -64,6 +64,9 @@ def get_task(name: str) -> TaskSpec:
 # The synthetic benchmark (micl.data.synth). QA answers come with a list of acceptable
 # aliases (e.g. ["2", "two"]), not ten annotator answers, so they are scored by exact
 # match against any reference rather than by the VQA min(n/3, 1) formula.
+# The paper's six datasets are converted from their official layouts by micl.data.converters (`micl data
+# prepare <name>`); metrics as in the reference: CIDEr, VQA accuracy over OK-VQA's ten answers, exact match
+# after VQA normalisation for MSVD-QA and Clotho-AQA.
 for _name, _mod, _tt, _metric in (
     ("synth_image_caption", "image", "caption", "caption"),
     ("synth_image_qa", "image", "qa", "exact_match"),
@@ -72,13 +75,6 @@ for _name, _mod, _tt, _metric in (
     ("synth_video_caption", "video", "caption", "caption"),
     ("synth_video_qa", "video", "qa", "exact_match"),
     ("synth_av_caption", "audio_video", "caption", "caption"),
-):
-    register_task(TaskSpec(_name, _mod, _tt, _metric))
-
-# The paper's six datasets, converted from their official layouts by micl.data.converters (`micl data
-# prepare <name>`); metrics as in the reference: CIDEr, VQA accuracy over OK-VQA's ten answers, exact match
-# after VQA normalisation for MSVD-QA and Clotho-AQA.
-for _name, _mod, _tt, _metric in (
     ("flickr30k", "image", "caption", "caption"),
     ("okvqa", "image", "qa", "vqa_accuracy"),
     ("msrvtt", "video", "caption", "caption"),
@@ -87,7 +83,6 @@ for _name, _mod, _tt, _metric in (
     ("clotho_aqa", "audio", "qa", "exact_match"),
 ):
     register_task(TaskSpec(_name, _mod, _tt, _metric))
-
 
 def split_path(data_root, task: str, split: str) -> Path:
     return Path(data_root) / task / f"{split}.jsonl"
