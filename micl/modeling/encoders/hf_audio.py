@@ -15,14 +15,10 @@ import torch
 
 from ...data import media as media_io
 from ...errors import ConfigError
-from .registry import MediaEncoder, config_dim, last_hidden_state, pool_sequence
+from .registry import MediaEncoder, config_dim, first_line, last_hidden_state, pool_sequence
 
 CLAP_MODEL_TYPES = ("clap", "clap_audio_model")  # ClapModel (audio + text) / ClapAudioModel folders
 KEY = "model.audio_encoder"
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 class ClapAudioTower(MediaEncoder):
@@ -68,7 +64,7 @@ class ClapAudioTower(MediaEncoder):
         try:
             return ClapFeatureExtractor.from_pretrained(self.name)
         except Exception as err:
-            raise ConfigError(f"{KEY}: no CLAP feature extractor for {self.name!r}: {_first_line(err)}") from err
+            raise ConfigError(f"{KEY}: no CLAP feature extractor for {self.name!r}: {first_line(err)}") from err
 
     def load(self, path):
         return media_io.load_audio(path, sampling_rate=self.feature_extractor.sampling_rate)
@@ -129,7 +125,7 @@ class HFAudioEncoder(MediaEncoder):
         try:
             model = AutoModel.from_pretrained(self.name, trust_remote_code=self.trust_remote_code, dtype=torch.float32)
         except (OSError, ValueError) as err:
-            raise ConfigError(f"{KEY}: cannot load {self.name!r} with AutoModel: {_first_line(err)}") from err
+            raise ConfigError(f"{KEY}: cannot load {self.name!r} with AutoModel: {first_line(err)}") from err
         return model.eval()
 
     @cached_property
@@ -139,7 +135,7 @@ class HFAudioEncoder(MediaEncoder):
         try:
             return AutoFeatureExtractor.from_pretrained(self.name, trust_remote_code=self.trust_remote_code)
         except Exception as err:
-            raise ConfigError(f"{KEY}: no feature extractor for {self.name!r}: {_first_line(err)}") from err
+            raise ConfigError(f"{KEY}: no feature extractor for {self.name!r}: {first_line(err)}") from err
 
     @property
     def sampling_rate(self) -> int:

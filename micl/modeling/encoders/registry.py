@@ -47,6 +47,11 @@ def pool_sequence(states: torch.Tensor, tokens: int) -> torch.Tensor:
     return F.adaptive_avg_pool1d(states.transpose(1, 2), tokens).transpose(1, 2)
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (transformers' errors run over many lines)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def read_config(name_or_path: str, trust_remote_code: bool, key: str):
     """The transformers config of an encoder, or a ConfigError naming the recipe key."""
     from transformers import AutoConfig
@@ -54,7 +59,7 @@ def read_config(name_or_path: str, trust_remote_code: bool, key: str):
     try:
         return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except Exception as err:  # OSError (no such id/folder), ValueError (unknown type, remote code refused), ...
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = first_line(err)
         if "custom code" in str(err) and not trust_remote_code:
             reason += " (set model.trust_remote_code=true to run it)"
         raise ConfigError(f"{key}: cannot read the transformers config of {name_or_path!r}: {reason}") from err
@@ -162,8 +167,7 @@ class HFVisionBackbone:
         try:
             return AutoImageProcessor.from_pretrained(self.name, trust_remote_code=self.trust_remote_code)
         except Exception as err:
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ConfigError(f"{self.key}: no image processor for {self.name!r}: {reason}") from err
+            raise ConfigError(f"{self.key}: no image processor for {self.name!r}: {first_line(err)}") from err
 
     @torch.no_grad()
     def feature_maps(self, images) -> torch.Tensor:
@@ -266,8 +270,8 @@ class WhisperAudioEncoder(MediaEncoder):
         try:
             return WhisperFeatureExtractor.from_pretrained(self.name)
         except OSError as err:
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ConfigError(f"model.audio_encoder: no Whisper feature extractor for {self.name!r}: {reason}") from err
+            raise ConfigError(f"model.audio_encoder: no Whisper feature extractor for {self.name!r}: "
+                              f"{first_line(err)}") from err
 
     def load(self, path):
         return media_io.load_audio(path, sampling_rate=16000)
