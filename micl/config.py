@@ -78,6 +78,9 @@ class TrainArgs:
     warmup_ratio: float = 0.05
     lr_scheduler: str = "cosine"
     save_steps: int = field(default=25, metadata={"help": "checkpoint every N optimizer steps within a task"})
+    early_stopping_patience: int | None = field(default=None, metadata={
+        "help": "stop a task after this many epochs without a better validation score, keeping the best "
+                "epoch's weights (train.epochs is then the maximum); null = train every epoch"})
     logging_steps: int = 5
     num_threads: int | None = field(default=None, metadata={"help": "torch threads on CPU; null = torch default"})
     tensorboard: bool = field(default=True, metadata={"help": "log to TensorBoard when it is installed"})
@@ -251,6 +254,9 @@ def validate(config: RecipeConfig, source: str) -> None:
         ("train.projector_lr", config.train.projector_lr is None or config.train.projector_lr > 0,
          "null or a positive number"),
         ("train.save_steps", config.train.save_steps >= 1, "an integer >= 1"),
+        ("train.early_stopping_patience",
+         config.train.early_stopping_patience is None or config.train.early_stopping_patience >= 1,
+         "null or an integer >= 1"),
         ("eval.batch_size", config.eval.batch_size >= 1, "an integer >= 1"),
         ("eval.max_new_tokens", config.eval.max_new_tokens >= 1, "an integer >= 1"),
         ("eval.num_beams", config.eval.num_beams >= 1, "an integer >= 1"),

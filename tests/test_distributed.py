@@ -333,3 +333,17 @@ def test_two_media_fusion_and_moe_experts_under_zero3(tiny_models, synth_root, t
     assert all(sum(layer["counts"]) == 2 * layer["units"] for layer in record["layers"].values())
     # both ranks' activations: every training token of the 8 samples x 2 epochs is routed once per layer
     assert all(layer["units"] > 0 for layer in record["layers"].values())
+
+
+def test_early_stopping_takes_the_same_decision_on_every_rank(tiny_models, synth_root, tmp_path):
+    """DDP: the main process scores the val split and broadcasts it; both ranks stop after the same epoch."""
+    out = tmp_path / "run"
+    extra = [QA, "train.epochs=4", "train.early_stopping_patience=1"]
+    done = launch("ddp.yaml", tmp_path / "report", _overrides(tiny_models, synth_root, out, 2, extra))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    record = json.loads((out / f"step_0_{QA_TASK}" / "metrics.json").read_text())["early_stopping"]
+    epochs = len(record["val_scores"])
+    assert 2 <= epochs <= 4 and epochs == min(4, record["best_epoch"] + 2)
+    for report in reports(tmp_path / "report"):
+        assert report["steps"]["0"]["info"]["world_size"] == 2
+        assert len(report["steps"]["0"]["batches"]) == 2 * epochs  # 8 samples / (2 ranks x 2) per epoch

@@ -21,6 +21,9 @@ def test_recipe_is_the_reference_setup():
     assert config.lora.target_modules == ["q_proj", "v_proj"]
     assert (config.eval.num_beams, config.eval.max_new_tokens, config.eval.repetition_penalty) == (5, 80, 1.15)
     assert config.methods == ["moincl"] and config.method_args["moincl"]["temperature"] == 5.0
+    assert (config.train.epochs, config.train.early_stopping_patience) == (40, 5)
+    assert (config.train.lr, config.train.weight_decay, config.train.batch_size, config.train.grad_accum) == \
+        (1e-5, 0.05, 8, 4)
     assert "accelerate launch --config_file recipes/accelerate/" in RECIPE.read_text()
     assert resolve_order(config.order) == ["audiocaps", "flickr30k", "msvd_qa", "clotho_aqa", "okvqa", "msrvtt"]
     assert resolve_order("paper_order2") == ["flickr30k", "msrvtt", "msvd_qa", "okvqa", "audiocaps", "clotho_aqa"]
@@ -67,3 +70,4 @@ def test_two_real_tasks_end_to_end_with_tiny_models_of_the_same_kinds(tiny_model
     assert "clap" in model["encoders"]["audio"]
     # MoInCL ran: pseudo captions of the QA inputs by the previous step's model (beam 5, as the recipe says)
     assert (out / "pseudo_targets").is_dir()
+    assert len(step["early_stopping"]["val_scores"]) == 1  # scored on the val split after its one epoch

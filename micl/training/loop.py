@@ -34,7 +34,7 @@ from ..data.dataset import EncodedTaskDataset
 from ..data.orders import resolve_order
 from ..data.prompts import load_templates
 from ..data.schema import STREAMS, media_streams
-from ..data.tasks import get_task, load_task_split
+from ..data.tasks import get_task, load_task_split, split_path
 from ..errors import ConfigError, MiclError
 from ..evaluation.continual import continual_metrics
 from ..evaluation.report import write_report
@@ -50,6 +50,7 @@ from ..utils.distributed import (barrier, deepspeed_zero_stage, gathered, init_d
                                  training_arguments_kwargs)
 from ..utils.io import atomic_write_json
 from .evaluation import evaluate_task, generate_predictions
+from .early_stopping import EarlyStopping
 from .trainer import MiclTrainer
 
 logger = logging.getLogger(__name__)
@@ -249,6 +250,7 @@ class ContinualRun:
         dataset = ctx.train_dataset
         self._release_trainer()
         args = self._training_args(step, dataset)
+        early_stopping = self._early_stopping(task)
         trainer = MiclTrainer(
             model=self.model,
             args=args,
@@ -258,6 +260,7 @@ class ContinualRun:
             ctx=ctx,
             callbacks=self._tensorboard(step),
             projector_lr=self.config.train.projector_lr,
+            early_stopping=early_stopping,
         )
         checkpoints = sorted((p for p in Path(args.output_dir).glob("checkpoint-*") if _checkpoint_complete(p)),
                              key=lambda p: int(p.name.split("-")[1]))
@@ -268,7 +271,8 @@ class ContinualRun:
         result = trainer.train(resume_from_checkpoint=resume)
         if trainer.is_deepspeed_enabled:  # kept for its engine (see _release_trainer)
             self._trainer = trainer
-        tokens = sum(len(dataset[i]["input_ids"]) for i in range(len(dataset))) * self.config.train.epochs
+        epochs = trainer.state.epoch or self.config.train.epochs  # fewer when stopped early
+        tokens = round(sum(len(dataset[i]["input_ids"]) for i in range(len(dataset))) * epochs)
         # mean of the logged losses: the Trainer's own training_loss only covers the part after a resume
         logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         return {
@@ -277,7 +281,22 @@ class ContinualRun:
             "train_tokens": tokens,
             "resumed_from": Path(resume).name if resume else None,
             "log_history": trainer.state.log_history,
+            **({"early_stopping": early_stopping.summary()} if early_stopping is not None else {}),
         }
+
+    def _early_stopping(self, task) -> EarlyStopping | None:
+        patience = self.config.train.early_stopping_patience
+        if patience is None:
+            return None
+        if any(is_partitioned(p) for p in self.model.parameters()) or deepspeed_zero_stage() == 3:
+            raise ConfigError("train.early_stopping_patience: not supported under DeepSpeed ZeRO-3 (the best "
+                              "epoch's weights would be shards); use ZeRO-2 or DDP")
+        dataset = self.dataset(task, "val")
+        if not len(dataset):
+            raise ConfigError(f"train.early_stopping_patience: task {task.name} has no validation samples "
+                              f"({split_path(self.data_root, task.name, 'val')})")
+        return EarlyStopping(self.model, lambda: evaluate_task(self.model, task, dataset, self.config.eval,
+                                                               f"val {task.name}")["score"], patience)
 
     def _release_trainer(self) -> None:
         """Destroys the previous step's DeepSpeed engine (its ZeRO-3 hooks gather the weights for the

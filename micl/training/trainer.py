@@ -46,7 +46,7 @@ class HookCallback(TrainerCallback):
 
 
 class MiclTrainer(Trainer):
-    def __init__(self, *args, methods=(), ctx=None, projector_lr=None, **kwargs):
+    def __init__(self, *args, methods=(), ctx=None, projector_lr=None, early_stopping=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
         # our forward takes no num_items_in_batch: let the Trainer scale the loss for accumulation
@@ -54,6 +54,11 @@ class MiclTrainer(Trainer):
         self.methods = list(methods)
         self.ctx = ctx
         self.add_callback(HookCallback(self.methods, ctx, self.train_dataset))
+        # after the methods' epoch ends (e.g. MoInCL's interpolation): it scores the weights they leave
+        self.stateful = list(self.methods)  # objects with step_state(): saved with every checkpoint
+        if early_stopping is not None:
+            self.add_callback(early_stopping)
+            self.stateful.append(early_stopping)
 
     def create_optimizer(self, model=None):
         """AdamW with the projectors in their own group: they start from scratch and learn faster at a
@@ -138,8 +143,8 @@ class MiclTrainer(Trainer):
         self._save_step_state(output_dir or self.args.output_dir)
 
     def _save_step_state(self, output_dir: str) -> None:
-        """The methods' within-step state (ContinualMethod.step_state), one file per rank."""
-        states = [method.step_state() for method in self.methods]
+        """The methods' (and early stopping's) within-step state (`step_state()`), one file per rank."""
+        states = [item.step_state() for item in self.stateful]
         if not any(states):
             return
         os.makedirs(output_dir, exist_ok=True)
@@ -151,8 +156,8 @@ class MiclTrainer(Trainer):
         if isinstance(resume_from_checkpoint, str):
             path = os.path.join(resume_from_checkpoint, STEP_STATE_FILE.format(rank=self.args.process_index))
             if os.path.isfile(path):
-                for method, state in zip(self.methods, torch.load(path, weights_only=False)):
-                    method.load_step_state(state)
+                for item, state in zip(self.stateful, torch.load(path, weights_only=False)):
+                    item.load_step_state(state)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
