@@ -103,3 +103,28 @@ def test_refused_under_zero3(tiny_models, synth_root, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "deepspeed_zero_stage", lambda: 3)
     with pytest.raises(ConfigError, match="train.early_stopping_patience: not supported under DeepSpeed ZeRO-3"):
         loop.ContinualRun(config)._early_stopping(get_task("synth_image_qa"))
+
+
+def test_killed_mid_epoch_resumes_with_the_scores_so_far(tiny_models, synth_root, tmp_path, monkeypatch):
+    from conftest import Killed, crashing
+    from micl.methods.finetune import Finetune
+
+    settings = [*tiny_recipe_overrides(tiny_models, synth_root, tmp_path / "reference"), "order=[synth_image_qa]",
+                "train.epochs=3", "train.early_stopping_patience=3", "eval.forward_transfer=false", "lora.dropout=0.0"]
+    assert main(["train", RECIPE, *settings]) == 0
+    # 2 optimizer steps per epoch, a checkpoint after each: call 4 is the second batch of epoch 2, after
+    # checkpoint-3, which holds the score of epoch 1
+    monkeypatch.setitem(METHODS, "finetune", crashing(Finetune, "augment_batch", step=0, call=4))
+    killed = [s.replace(str(tmp_path / "reference"), str(tmp_path / "killed")) for s in settings]
+    with pytest.raises(Killed):
+        main(["train", RECIPE, *killed])
+    monkeypatch.setitem(METHODS, "finetune", Finetune)
+    assert main(["train", RECIPE, *killed]) == 0
+    expected = json.loads((tmp_path / "reference" / "step_0_synth_image_qa" / "metrics.json").read_text())
+    resumed = json.loads((tmp_path / "killed" / "step_0_synth_image_qa" / "metrics.json").read_text())
+    assert resumed["resumed_from"] == "checkpoint-3"
+    assert resumed["early_stopping"] == expected["early_stopping"] and len(expected["early_stopping"]["val_scores"]) == 3
+    for name in ("projectors.safetensors", "adapter/adapter_model.safetensors"):
+        got = load_file(str(tmp_path / "killed" / "step_0_synth_image_qa" / name))
+        want = load_file(str(tmp_path / "reference" / "step_0_synth_image_qa" / name))
+        assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want), name
