@@ -110,15 +110,16 @@ class AdaptiveFusionMethod(ContinualMethod):
         params = [*model.projectors[first].parameters(), *model.projectors[second].parameters(),
                   *fusion.parameters()]
         with gathered(params):
-            pooled = {first: [], second: []}
-            for modality, rows in pooled.items():
+            def pooled(modality: str) -> torch.Tensor:  # a task's samples have equal token counts: batches
                 projector = model.projectors[modality]
                 param = next(projector.parameters())
-                for index in range(count):
-                    features = dataset.features[index][modality].to(param.device, param.dtype)
-                    rows.append(projector(features[None])[0].mean(0))
-            decision = fusion.decide(torch.stack(pooled[first]), torch.stack(pooled[second]),
-                                     [ctx.task.name] * count)
+                chunks = []
+                for start in range(0, count, 64):
+                    features = torch.stack([dataset.features[i][modality] for i in range(start, min(start + 64, count))])
+                    chunks.append(projector(features.to(param.device, param.dtype)).mean(1))
+                return torch.cat(chunks)
+
+            decision = fusion.decide(pooled(first), pooled(second), [ctx.task.name] * count)
         if not is_main_process():
             return
         fused = decision["fuse"]

@@ -66,7 +66,7 @@ class AdaptiveFusion(nn.Module):
         self.routers = nn.ModuleDict()  # keyed by the task's position in self.tasks (task names may hold '.')
         for task in tasks:
             self.add_task(task)
-        self.last_decisions: dict | None = None  # the last forward's decisions, detached (for statistics)
+        self.last_decisions: dict | None = None  # the last forward's decisions, detached (for inspection)
         self.last_pooled: tuple | None = None  # (p_v, p_a) of the last training forward, for an alignment loss
 
     def modulator_config(self) -> dict:

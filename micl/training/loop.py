@@ -165,14 +165,15 @@ class ContinualRun:
             limit = data.max_train_samples if split == "train" else data.max_eval_samples
             samples = load_task_split(self.data_root, task.name, split, limit)
             features = [{} for _ in samples]
+            media = [dict(media_streams(s)) for s in samples]
             for stream in STREAMS[task.modality]:  # a video with its sound: the video, then its audio
-                paths = [str(self.data_root / dict(media_streams(s))[stream]) for s in samples]
+                paths = [str(self.data_root / m[stream]) for m in media]
                 # encoded once, the other ranks read the cache; an encoder loads (whole) on first use
                 with main_process_first(), plain_model_loading():
                     encoded = self.feature_cache.features(self.encoders[stream], paths,
                                                           desc=f"encoding {task.name}/{split} ({stream})")
-                for media, tensor in zip(features, encoded):
-                    media[stream] = tensor
+                for sample_features, tensor in zip(features, encoded):
+                    sample_features[stream] = tensor
             self._datasets[key] = EncodedTaskDataset(samples, features, self.builder, self.templates,
                                                      train=split == "train", seed=self.config.seed)
         return self._datasets[key]
@@ -288,7 +289,7 @@ class ContinualRun:
         patience = self.config.train.early_stopping_patience
         if patience is None:
             return None
-        if any(is_partitioned(p) for p in self.model.parameters()) or deepspeed_zero_stage() == 3:
+        if deepspeed_zero_stage() == 3:
             raise ConfigError("train.early_stopping_patience: not supported under DeepSpeed ZeRO-3 (the best "
                               "epoch's weights would be shards); use ZeRO-2 or DDP")
         dataset = self.dataset(task, "val")

@@ -41,6 +41,7 @@ class PrepareReport:
 class DatasetWriter:
     def __init__(self, out: str | Path, task: str):
         self.out = Path(out)
+        self._out_resolved = self.out.resolve()  # media paths are written relative to it
         self.task = get_task(task)
         self.rows: dict[str, list[dict]] = {split: [] for split in SPLITS}
         self.skipped: list[Skipped] = []
@@ -75,7 +76,7 @@ class DatasetWriter:
             if not Path(path).is_file():
                 self.skip(split, sample, f"missing media file {path}")
                 return False
-            paths[key] = os.path.relpath(Path(path).resolve(), self.out.resolve())
+            paths[key] = os.path.relpath(Path(path).resolve(), self._out_resolved)
         row = {"id": sample, "task": self.task.name, "modality": self.task.modality, "task_type": self.task.task_type,
                "media": paths.get("media", ""), "instruction": (instruction or "").strip(), "target": target,
                "references": references}
