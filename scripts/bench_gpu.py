@@ -7,16 +7,16 @@ a failing stage recorded with its error while the next one still runs:
 
   matmul        the GPU's bf16 matmul rate: best of several 8192^2 matmuls
   train         micl's training step (MiclTrainer.training_step: MultimodalLM forward with media features
-                [B, 256, 1024] + loss + backward, then the Trainer's AdamW step; the model prepared for bf16
-                mixed precision by accelerate as Trainer.train does) at batch 8 and 32: tokens/s and
-                MFU (4N FLOPs/token) against `matmul`. N = weights of every nn.Linear of the LLM (LoRA and
+                [B, 256, 1024] + loss + backward; gradient clipping and the Trainer's AdamW; the model
+                prepared for bf16 mixed precision by accelerate as Trainer.train does) at batch 8 and 32:
+                tokens/s and MFU (4N FLOPs/token) against `matmul`. N = weights of every nn.Linear of the LLM (LoRA and
                 lm_head included, embeddings and projectors not); 4N = forward 2N + backward to the
                 activations 2N (the frozen base gets no weight gradients; full fine-tuning would be 6N)
   step_vs_peft  the micl step / a plain PEFT LoRA step (the same LLM, plain input_ids of the same length,
                 no projectors, a plain transformers.Trainer step), interleaved, at batch 8
-  methods       MoInCL step (main batch + 2 pseudo-target rows + 4 text-only instructions, each through
-                the student and the teacher adapter: micl.methods.moincl + PreviousModelTeacher) / the
-                sequential fine-tuning step, the same batch of 8
+  methods       MoInCL step (the main batch through the student; 2 pseudo-target rows and 4 text-only
+                instructions through the teacher adapter and the student: micl.methods.moincl.MoInCL with a
+                micl.methods.teacher.PreviousModelTeacher) / the fine-tuning step, the same batch of 8
   clip          CLIP ViT-L/14 vision tower images/s (bf16, batch 256, random pixels 224x224)
   generation    paper decoding (beam 5, max_new_tokens 80, repetition_penalty 1.15) through
                 MultimodalLM.generate at batch 8 and 64; greedy batched (64 prompts) vs one by one (the
@@ -199,7 +199,8 @@ def build_tokenizer(vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     words: list[str] = list(dict.fromkeys(SPECIAL.values()))
-    texts = [INSTRUCTION, TARGET, PSEUDO_INSTRUCTION, PSEUDO_TARGET, CHAT_TEMPLATE, "system user assistant image: video: audio:"]
+    texts = [INSTRUCTION, TARGET, PSEUDO_INSTRUCTION, PSEUDO_TARGET, CHAT_TEMPLATE,
+             "system user assistant image: video: audio:"]
     texts += [(REPO / "prompts" / name).read_text() for name in ("templates.yaml", "instructions.jsonl")
               if (REPO / "prompts" / name).is_file()]
     for text in texts:
@@ -273,8 +274,10 @@ def matmul_weights(llm) -> int:
 
 
 def trainer_step(trainer, model, batch):
+    """One optimizer step as the Trainer's loop makes it: training_step, gradient clipping, AdamW."""
     def step():
         trainer.training_step(model, batch)
+        trainer.accelerator.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
     return step
@@ -656,9 +659,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (a 2-layer Llama, a tiny CLIP), seconds")
     parser.add_argument("--out", default="bench_results_gpu.json")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    parser.add_argument("--deadline", type=float, default=450.0,
+    parser.add_argument("--deadline", type=float, default=420.0,
                         help="seconds for all stages (counted after start-up); a stage that would start with less than "
-                             f"{MIN_STAGE_SECONDS:g} s left is skipped, a running one is stopped at it (default 450)")
+                             f"{MIN_STAGE_SECONDS:g} s left is skipped, a running one is stopped at it (default 420)")
     parser.add_argument("--timeout-per-stage", type=float, default=240.0, help="seconds per stage (default 240)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
