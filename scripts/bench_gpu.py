@@ -295,8 +295,8 @@ def summary(times: list[float]) -> dict:
             "min_s": min(times)}
 
 
-def free(*objects) -> None:
-    del objects
+def release_memory() -> None:
+    """After the last reference to a model is gone: its cycles (accelerate binds the forward to the model)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -373,7 +373,7 @@ class Bench:
                          traceback=traceback.format_exc()[-4000:])
         entry["seconds"] = round(time.perf_counter() - start, 2)
         entry["peak_memory_gib"] = self.memory.stage()
-        free()
+        release_memory()  # the stage's models died with its frame
         self.write()
         print(f"[{time.monotonic() - self.started:6.0f} s] {name}: {entry['status']} ({entry['seconds']} s)",
               file=sys.stderr, flush=True)
@@ -439,8 +439,8 @@ class Bench:
                 "tokens_per_s": tokens_per_s,
                 "mfu_4n": tokens_per_s * 4 * n_weights / (peak * 1e12) if peak else None,
                 "peak_memory_gib": self.memory.part()}
-            free(trainer)
-        free(model)
+            del trainer, prepared, batch
+            release_memory()
 
     # ---- 3. micl step vs plain PEFT step ----------------------------------------------------------------
     def stage_step_vs_peft(self, result: dict) -> None:
@@ -470,7 +470,6 @@ class Bench:
             result.update(micl=summary(micl_times), peft=summary(peft_times),
                           ratio=statistics.median(micl_times) / statistics.median(peft_times))
         result.update(batch=list(batch["input_ids"].shape), tokens_per_step=int(batch["attention_mask"].sum()))
-        free(trainer, peft_trainer, model)
 
     # ---- 4. MoInCL vs fine-tuning -----------------------------------------------------------------------
     def stage_methods(self, result: dict) -> None:
@@ -501,7 +500,8 @@ class Bench:
         trainer, prepared = self.micl_trainer(model, [METHODS["finetune"]()], ctx, batch_size)
         result["finetune"] = {**summary(step_times(trainer_step(trainer, prepared, batch), self.device,
                                                    self.scale)), "peak_memory_gib": self.memory.part()}
-        free(trainer)
+        del trainer, prepared
+        release_memory()
         self.memory.reset()
         moincl = MoInCL()  # the paper settings: 2 pseudo-target rows, 4 instructions, T = 5
         moincl.teacher = PreviousModelTeacher(model)
@@ -517,7 +517,6 @@ class Bench:
         if self.device.type == "cuda":
             result["memory_ratio"] = result["moincl"]["peak_memory_gib"] / result["finetune"]["peak_memory_gib"]
         moincl.teacher.remove()
-        free(trainer, model)
 
     # ---- 5. CLIP-L vision tower -------------------------------------------------------------------------
     def stage_clip(self, result: dict) -> None:
@@ -537,7 +536,6 @@ class Bench:
         times = [timed(encode, self.device) for _ in range(self.scale.clip_batches)]
         result.update(batch=batch_size, image_size=size, features=shape, **summary(times),
                       images_per_s=batch_size / statistics.median(times))
-        free(tower)
 
     # ---- 6. generation ----------------------------------------------------------------------------------
     def stage_generation(self, result: dict) -> None:
@@ -581,7 +579,6 @@ class Bench:
                        same_outputs=sum(a == b for a, b in zip(batched_out, single_out)))
         row["mean_new_tokens"] = new_tokens(model.tokenizer, batched_out)
         row["peak_memory_gib"] = self.memory.part()
-        free(model)
 
     # ---- report ------------------------------------------------------------------------------------------
     def targets(self) -> list[dict]:
