@@ -75,12 +75,17 @@ class TrainArgs:
         default=1e-3, metadata={"help": "learning rate of the projectors (trained from scratch); null = lr"}
     )
     weight_decay: float = 0.0
+    optim: str = field(default="adamw_torch", metadata={
+        "help": "optimizer, by its transformers name (adamw_torch, adamw_torch_fused, sgd, adafactor, ...)"})
     warmup_ratio: float = 0.05
     lr_scheduler: str = "cosine"
     save_steps: int = field(default=25, metadata={"help": "checkpoint every N optimizer steps within a task"})
     early_stopping_patience: int | None = field(default=None, metadata={
         "help": "stop a task after this many epochs without a better validation score, keeping the best "
                 "epoch's weights (train.epochs is then the maximum); null = train every epoch"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm; 0 = no clipping"})
+    ddp_timeout: float = field(default=1800, metadata={
+        "help": "seconds a collective may wait for the other processes before the job fails"})
     logging_steps: int = 5
     num_threads: int | None = field(default=None, metadata={"help": "torch threads on CPU; null = torch default"})
     tensorboard: bool = field(default=True, metadata={"help": "log to TensorBoard when it is installed"})
@@ -254,6 +259,9 @@ def validate(config: RecipeConfig, source: str) -> None:
         ("train.projector_lr", config.train.projector_lr is None or config.train.projector_lr > 0,
          "null or a positive number"),
         ("train.save_steps", config.train.save_steps >= 1, "an integer >= 1"),
+        ("train.warmup_ratio", 0 <= config.train.warmup_ratio < 1, "a number in [0, 1)"),
+        ("train.max_grad_norm", config.train.max_grad_norm >= 0, "a number >= 0"),
+        ("train.ddp_timeout", config.train.ddp_timeout > 0, "a positive number of seconds"),
         ("train.early_stopping_patience",
          config.train.early_stopping_patience is None or config.train.early_stopping_patience >= 1,
          "null or an integer >= 1"),

@@ -7,6 +7,9 @@ Ratios are measured side by side in one process (absolute times on shared machin
   feature_cache      encoder time on the second epoch (cached) / first epoch
   methods            MoInCL training step / sequential fine-tuning step on the same batch, and peak RSS
                      (one process each; the teacher is a second adapter, not a second model)
+  sharded_eval       evaluation in 2 processes x 1 thread vs 1 x 1, each process generating every other batch
+                     (only with --eval-shard)
+  host_syncs         (in methods) tensor reads that make a GPU host wait, counted in one training step
   moe_lora           MoE LoRA (10 experts, top-2) / one LoRA of the same rank: forward of the whole model and
                      of one adapted q_proj, same batch (only with --moe)
   e2e_quick, e2e_default   wall time of `micl train recipes/quick.yaml` / `recipes/finetune.yaml`
@@ -25,12 +28,57 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+
+class HostSyncCounter(torch.overrides.TorchFunctionMode):
+    """Counts the tensor operations that make the host wait for the device on a GPU (a value read back:
+    .item(), .tolist(), bool()/int()/float() of a tensor, .cpu()/.numpy(), nonzero and boolean-mask
+    indexing, whose output size depends on the data). On the CPU nothing waits, but the count of the same
+    calls is what a GPU step would synchronise on. Sites outside micl (transformers, PEFT, torch) count too."""
+
+    READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero",
+             "masked_select", "unique", "argwhere", "nonzero_static"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        boolean_index = name == "__getitem__" and len(args) > 1 and self._has_bool_tensor(args[1])
+        if name in self.READS or boolean_index:
+            import traceback
+
+            frame = next((f for f in reversed(traceback.extract_stack()[:-1]) if "overrides" not in f.filename), None)
+            site = f"{name} {Path(frame.filename).name}:{frame.lineno}" if frame else name
+            self.calls[site] = self.calls.get(site, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    @staticmethod
+    def _has_bool_tensor(index) -> bool:
+        items = index if isinstance(index, tuple) else (index,)
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+    def sites(self) -> dict[str, int]:
+        return dict(sorted(self.calls.items(), key=lambda kv: -kv[1]))
+
+    def in_micl(self) -> int:
+        return sum(n for site, n in self.calls.items() if site.split(" ")[1].split(":")[0] in self.micl_files)
+
+    @cached_property
+    def micl_files(self) -> set[str]:
+        return {p.name for p in (REPO / "micl").rglob("*.py")}
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -184,15 +232,25 @@ def method_step_child(method_name: str, steps: int = 6) -> dict:
     trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop, which we do not run
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
+    def forward_backward():
+        # what the Trainer's loop does per optimizer step: the hooks' inputs and the global item counts
+        # (get_batch_samples), then the training step
+        batches, items = trainer.get_batch_samples(iter([batch]), 1, trainer.args.device)
+        trainer.training_step(model, batches[0], items)
+
     def step():
-        trainer.training_step(model, batch)
+        forward_backward()
         optimizer.step()
         optimizer.zero_grad()
 
     step()
     times = timed(step, steps)
+    with HostSyncCounter() as syncs:  # micl's part of the step (torch's AdamW reads its step counts on the host)
+        forward_backward()
+    optimizer.zero_grad()
     return {"method": method_name, "step_s": statistics.median(times),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "host_syncs": syncs.total, "host_syncs_in_micl": syncs.in_micl(), "host_sync_sites": syncs.sites()}
 
 
 def bench_methods(threads: int) -> dict:
@@ -204,6 +262,55 @@ def bench_methods(threads: int) -> dict:
     rows["step_ratio"] = rows["moincl"]["step_s"] / rows["finetune"]["step_s"]
     rows["rss_ratio"] = rows["moincl"]["peak_rss_mb"] / rows["finetune"]["peak_rss_mb"]
     return rows
+
+
+def eval_child(samples: int, batch_size: int, max_new_tokens: int) -> dict:
+    """One process of bench_sharded_eval (under torchrun for 2 processes): generation over the same prompts
+    (random image features, fixed seed) with each process taking its share of the batches."""
+    from types import SimpleNamespace
+
+    from micl.data.dataset import EncodedTaskDataset
+    from micl.data.prompts import load_templates
+    from micl.training.evaluation import generate_predictions
+    from micl.utils.distributed import barrier, init_distributed, is_main_process, world_size
+
+    init_distributed()
+    model, builder = load_default()
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    rows = [{"id": f"s{i}", "task": "synth_image_caption", "modality": "image", "task_type": "caption",
+             "media": "", "instruction": "", "target": "", "references": [""]} for i in range(samples)]
+    features = [{"image": torch.randn(9, 1280, generator=generator)} for _ in rows]
+    dataset = EncodedTaskDataset(rows, features, builder, load_templates(), train=False)
+    settings = SimpleNamespace(batch_size=batch_size, max_new_tokens=max_new_tokens, num_beams=1,
+                               repetition_penalty=1.0)
+    generate_predictions(model, dataset, SimpleNamespace(**{**vars(settings), "max_new_tokens": 2}), sharded=True)
+    barrier()
+    start = time.perf_counter()
+    predictions = generate_predictions(model, dataset, settings, sharded=True)
+    barrier()
+    seconds = time.perf_counter() - start
+    return {"processes": world_size(), "seconds": seconds, "samples_per_s": samples / seconds,
+            "predictions": predictions, "main": is_main_process()}
+
+
+def bench_sharded_eval(samples: int = 64, batch_size: int = 8, max_new_tokens: int = 16) -> dict:
+    """Evaluation (batched greedy generation, embedded default) in 1 process x 1 thread and in 2 processes x
+    1 thread (torchrun, gloo), each process generating every other batch; run one after the other."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    args = ["--eval-child", f"{samples},{batch_size},{max_new_tokens}", "--threads", "1"]
+    rows = {}
+    for processes in (1, 2):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "eval.json"
+            launcher = ([sys.executable] if processes == 1 else
+                        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)])
+            subprocess.run([*launcher, __file__, *args, "--out", str(out)], check=True, cwd=REPO, env=env)
+            rows[processes] = json.loads(out.read_text())
+    return {"samples": samples, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+            "one_process_s": rows[1]["seconds"], "two_processes_s": rows[2]["seconds"],
+            "speedup": rows[1]["seconds"] / rows[2]["seconds"],
+            "same_predictions": rows[1]["predictions"] == rows[2]["predictions"]}
 
 
 def bench_moe(repeats: int = 7, batch_size: int = 8, length: int = 128) -> dict:
@@ -292,11 +399,19 @@ def main() -> None:
                         help="also time MoE LoRA (10 experts, top-2) vs one LoRA of the same rank (~2 min)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench_results.json")
+    parser.add_argument("--eval-shard", action="store_true",
+                        help="also time evaluation in 2 processes x 1 thread vs 1 x 1 (~2 min)")
     parser.add_argument("--method-step", help=argparse.SUPPRESS)  # child process of bench_methods
+    parser.add_argument("--eval-child", help=argparse.SUPPRESS)  # child process of bench_sharded_eval
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.method_step:
         print(json.dumps(method_step_child(args.method_step)))
+        return
+    if args.eval_child:
+        result = eval_child(*map(int, args.eval_child.split(",")))
+        if result["main"]:
+            Path(args.out).write_text(json.dumps(result))
         return
 
     results = {"threads": args.threads, "torch": torch.__version__}
@@ -321,6 +436,8 @@ def main() -> None:
         results["e2e_default"] = bench_e2e("default")
     if args.distributed:
         results["distributed"] = bench_distributed()
+    if args.eval_shard:
+        results["sharded_eval"] = bench_sharded_eval()
 
     rows = [
         ("train tokens/s (batch 8 x 128)", f"{results['train_throughput']['tokens_per_s']:.0f}", ""),
@@ -332,6 +449,10 @@ def main() -> None:
     ]
     rows.append(("MoInCL step / fine-tuning step", f"{results['methods']['step_ratio']:.2f}", "<= 1.3"))
     rows.append(("MoInCL peak RSS / fine-tuning", f"{results['methods']['rss_ratio']:.2f}", "<= 1.1"))
+    for name in ("finetune", "moincl"):
+        row = results["methods"][name]
+        rows.append((f"host syncs per {name} training step: micl / all (transformers' mask checks)",
+                     f"{row['host_syncs_in_micl']} / {row['host_syncs']}", "0 in micl"))
     if "moe_lora" in results:
         rows.append(("MoE LoRA (E=10, top-2) / LoRA forward: whole model", f"{results['moe_lora']['model_ratio']:.2f}",
                      "<= 1.5"))
@@ -344,6 +465,10 @@ def main() -> None:
     for preset, target in (("quick", "<= 180 s"), ("default", "<= 900 s")):
         if f"e2e_{preset}" in results:
             rows.append((f"wall time, {preset} recipe", f"{results[f'e2e_{preset}']['wall_s']:.0f} s", target))
+    if "sharded_eval" in results:
+        row = results["sharded_eval"]
+        rows.append(("evaluation, 2 processes x 1 thread / 1 x 1 (same predictions: "
+                     f"{row['same_predictions']})", f"{row['speedup']:.2f}x", ">= 1.6x"))
     for row in results.get("distributed", {}).get("rows", [])[1:]:
         rows.append((f"{row['run']}, 2 processes: memory per process / 1 process", f"{row['memory_vs_single']:.3f}",
                      "<= 0.6" if row["run"] == "zero3" else ""))

@@ -276,7 +276,9 @@ def matmul_weights(llm) -> int:
 def trainer_step(trainer, model, batch):
     """One optimizer step as the Trainer's loop makes it: training_step, gradient clipping, AdamW."""
     def step():
-        trainer.training_step(model, batch)
+        # the Trainer's loop: the hooks' inputs and the global item counts first (get_batch_samples)
+        batches, items = trainer.get_batch_samples(iter([batch]), 1, trainer.args.device)
+        trainer.training_step(model, batches[0], items)
         trainer.accelerator.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -508,9 +510,9 @@ class Bench:
         # the pseudo targets are made once per step (teacher captions), not per training step
         moincl.pseudo = [(PSEUDO_INSTRUCTION, PSEUDO_TARGET)] * batch_size
         trainer, prepared = self.micl_trainer(model, [moincl], ctx, batch_size)
-        augmented = moincl.augment_batch(batch, ctx)
-        result["rows"] = {"main": batch_size, "pseudo": int(augmented["pseudo"]["input_ids"].shape[0]),
-                          "instructions": int(augmented["instructions"]["input_ids"].shape[0])}
+        extra = moincl.augment_batch(batch, ctx)["moincl"]  # one student and one teacher pass over these rows
+        result["rows"] = {"main": batch_size, "pseudo": int(extra["pseudo_mask"].any(-1).sum()),
+                          "instructions": int(extra["instruction_mask"].any(-1).sum())}
         result["moincl"] = {**summary(step_times(trainer_step(trainer, prepared, batch), self.device, self.scale)),
                             "peak_memory_gib": self.memory.part()}
         result["step_ratio"] = result["moincl"]["median_s"] / result["finetune"]["median_s"]

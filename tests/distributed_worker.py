@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from micl.config import load_recipe
 from micl.methods import ContinualMethod
@@ -64,6 +65,24 @@ class Probe(ContinualMethod):
     def _step(self, ctx) -> dict:
         return self.report["steps"].setdefault(str(ctx.step), {"batches": [], "epoch_end": []})
 
+    def on_task_start(self, ctx):
+        keep = os.environ.get("MICL_TEST_PSEUDO_KEEP")
+        moincl = next((m for m in self.run.methods if m.name == "moincl"), None)
+        if keep is not None and moincl is not None and moincl.pseudo:
+            # one sample (the first that has one) keeps its pseudo target: the rank whose batch holds it runs
+            # more auxiliary rows than the other
+            first = next(i for i, p in enumerate(moincl.pseudo) if p is not None)
+            moincl.pseudo = [p if i == first else None for i, p in enumerate(moincl.pseudo)]
+        # the trainable weights the step starts from (full tensors, gathered under ZeRO-3)
+        model = ctx.model
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        with gathered(trainable):
+            state = {k: v.detach().contiguous().cpu().float() for k, v in model.trainable_state_dict().items()}
+        if is_main_process():
+            keep_dir = Path(self.run.out) / "kept_checkpoints" / f"step_{ctx.step}"
+            keep_dir.mkdir(parents=True, exist_ok=True)
+            save_file(state, str(keep_dir / "init.safetensors"))
+
     def augment_batch(self, batch, ctx):
         record = self._step(ctx)
         crash_after = int(os.environ.get("MICL_TEST_CRASH_AFTER", "0"))
@@ -74,7 +93,11 @@ class Probe(ContinualMethod):
             record["label_counts"] = []
         record["batches"].append([int(i) for i in batch["sample_index"]])
         record["label_counts"].append([int(n) for n in (batch["labels"] != -100).sum(-1)])
-        record.setdefault("extra_inputs", []).append(sorted(k for k in ("pseudo", "instructions") if k in batch))
+        record.setdefault("extra_inputs", []).append(sorted(k for k in ("moincl", "replay") if k in batch))
+        extra = batch.get("moincl")
+        record.setdefault("pseudo_rows", []).append(0 if extra is None else int(extra["pseudo_mask"].any(-1).sum()))
+        record.setdefault("instruction_rows", []).append(
+            0 if extra is None else int(extra["instruction_mask"].any(-1).sum()))
         return batch
 
     def on_task_end(self, ctx):
@@ -152,12 +175,25 @@ def main(argv: list[str]) -> int:
     if moincl is not None:
         run.methods.append(TeacherProbe(moincl, report))
     run.methods.append(Probe(run, report))
+    generate = type(run.model).generate
+    report["generate_calls"] = 0
+
+    def counted(*args, **kwargs):
+        report["generate_calls"] += 1
+        return generate(run.model, *args, **kwargs)
+
+    run.model.generate = counted  # evaluation batches this rank generated
     results = run.run()
     trainer = run._trainer
     report["log_history"] = {}
     for step in run.finished_steps():
         report["log_history"][str(step["step"])] = [e["loss"] for e in step["log_history"] if "loss" in e]
+        report.setdefault("schedule", {})[str(step["step"])] = {
+            "optimizer_steps": step.get("optimizer_steps"), "warmup_steps": step.get("warmup_steps"),
+            "learning_rates": [e["learning_rate"] for e in step["log_history"] if "learning_rate" in e]}
     report["average"] = results.get("average")
+    report["initial_scores"] = results.get("initial_scores")
+    report["matrix"] = results.get("matrix")
     report["is_main"] = is_main_process()
     report["rank"] = int(os.environ.get("RANK", "0"))
     report["trainer_world_size"] = trainer.args.world_size if trainer is not None else None

@@ -91,11 +91,13 @@ def test_lwf_distils_the_previous_model_on_current_inputs(tiny_models):
     model.eval()  # no dropout: student == teacher at the start of the step
     augmented = lwf.augment_batch(batch, ctx)
     loss = lwf.extra_loss(model, augmented, model(**batch), ctx)
+    assert loss.items == "labels"  # summed over the target tokens, normalised by the trainer
+    loss = loss.value
     assert float(loss.detach()) == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():
         for p in model.projectors.parameters():
             p.add_(0.5)
-    loss = lwf.extra_loss(model, augmented, model(**batch), ctx)
+    loss = lwf.extra_loss(model, augmented, model(**batch), ctx).value
     assert float(loss.detach()) > 0 and loss.requires_grad
     lwf.on_task_end(ctx)
     assert not any("teacher" in n for n, _ in model.named_parameters())

@@ -11,6 +11,12 @@ The task-order loop and the Trainer call, for every method of a recipe, in this 
     on_epoch_end(ctx)                        after every epoch
     on_task_end(ctx)                         once, after training, before evaluation
 
+Losses and the global batch. `augment_batch` runs for all micro-batches of an optimizer step before the
+first forward, so that every loss can be normalised by its items in the whole global batch (all
+processes, all accumulation steps; see micl/training/loss_scale.py): a method that returns `TokenSum`s
+names their item kinds in `loss_items` and counts them per batch in `count_loss_items`. A plain tensor
+from `extra_loss` / `auxiliary_losses` is a per-batch regulariser: it is averaged over the micro-batches.
+
 `state_dict()` / `load_state_dict()` carry what a method keeps across steps (saved in each phase folder,
 so that a resumed run continues with it). `step_state()` / `load_step_state()` carry what it gathers
 within a step (e.g. expert activation counts), saved with every within-step checkpoint, one file per
@@ -23,6 +29,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+
+@dataclass
+class TokenSum:
+    """A loss summed over items of one kind (target tokens, distilled positions): the trainer divides it by
+    the number of such items in the whole global batch, so its gradient does not depend on how the global
+    batch is split across processes and accumulation steps. `items` = "labels" (the main batch's target
+    tokens) or a kind the method declares in `loss_items`."""
+
+    value: torch.Tensor
+    items: str = "labels"
 
 
 def unwrap_model(model):
@@ -42,6 +59,10 @@ class StepContext:
     run_dir: str
     seed: int = 0
     batch_size: int = 1  # train.batch_size (per device)
+    # DeepSpeed with several processes: every rank must run the same forward passes (ZeRO-3 gathers weights
+    # in each, ZeRO-1/2 reduce the gradients bucket by bucket in graph order), so a hook that adds a forward
+    # on some batches only must add it on every batch (with rows that carry no items, if need be)
+    uniform_forwards: bool = False
     epoch: int = 0
     dataset_fn: Any = None  # dataset_fn(task_spec, split) -> EncodedTaskDataset (features cached)
     collate_fn: Any = None  # list of dataset items -> model batch
@@ -51,6 +72,7 @@ class StepContext:
 class ContinualMethod:
     name = "base"
     Args = None  # a dataclass of the method's settings (recipe: method_args.<name>.*), or None
+    loss_items: tuple[str, ...] = ()  # item kinds its TokenSums are normalised by (besides "labels")
 
     def __init__(self, args=None):
         self.args = args
@@ -65,8 +87,12 @@ class ContinualMethod:
     def augment_batch(self, batch: dict, ctx: StepContext) -> dict:
         return batch
 
+    def count_loss_items(self, batch: dict) -> dict:
+        """{kind: number of items (a tensor or int) in this batch} for the kinds of `loss_items`."""
+        return {}
+
     def auxiliary_losses(self, model, batch: dict, ctx: StepContext):
-        """Yields loss tensors that need their own forward passes (not the main batch's outputs)."""
+        """Yields losses (TokenSum or tensor) that need their own forward passes (not the main batch's)."""
         return ()
 
     def extra_loss(self, model, batch: dict, outputs, ctx: StepContext):

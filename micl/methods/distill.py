@@ -18,6 +18,20 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: to
     return kd_loss_rows(student_logits[mask], teacher_logits[mask], temperature)
 
 
+def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+    """T^2 * sum over the positions where `mask` is true of KL(softmax(teacher/T) || softmax(student/T)).
+
+    The logits may cover only the last positions of the batch (MultimodalLM keeps the logits from
+    `logits_offset` on): `mask` is [batch, length] and is aligned to their end. The mask weights the
+    positions instead of selecting them, so nothing is read back from the device."""
+    mask = mask[:, mask.shape[1] - student_logits.shape[1]:]
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = (teacher.exp() * (teacher - student)).sum(-1)
+    return temperature**2 * (kl * mask.to(kl.dtype)).sum()
+
+
 def kd_loss_rows(student_rows: torch.Tensor, teacher_rows: torch.Tensor, temperature: float) -> torch.Tensor:
     """The same on logits already gathered at the distilled positions ([n, vocab]); the softmaxes are
     taken over those rows only, which keeps memory at n x vocab instead of batch x length x vocab."""

@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from ..training.trainer import model_inputs
-from .base import ContinualMethod, StepContext
-from .distill import kd_loss_rows, target_prediction_mask
+from ..modeling.multimodal import model_inputs
+from .base import ContinualMethod, StepContext, TokenSum
+from .distill import kd_loss_sum, target_prediction_mask
 from .teacher import PreviousModelTeacher
 
 
@@ -31,21 +31,18 @@ class LwF(ContinualMethod):
 
     def on_task_start(self, ctx: StepContext) -> None:
         if ctx.step > 0:
-            self.teacher = PreviousModelTeacher(ctx.model)
+            self.teacher = PreviousModelTeacher.acquire(ctx.model)
 
     def on_task_end(self, ctx: StepContext) -> None:
         if self.teacher is not None:
             self.teacher.remove()
         self.teacher = None
 
-    def augment_batch(self, batch: dict, ctx: StepContext) -> dict:
-        if self.teacher is None:
-            return batch
-        mask = target_prediction_mask(batch["labels"])
-        return {**batch, "lwf_mask": mask, "lwf_teacher_rows": self.teacher.logits(model_inputs(batch), mask)}
-
     def extra_loss(self, model, batch: dict, outputs, ctx: StepContext):
-        if "lwf_teacher_rows" not in batch:
+        """alpha * T^2 * KL(teacher || student) summed over the main batch's target positions; the teacher
+        reads the same inputs (and keeps the same logits) as the student's main forward."""
+        if self.teacher is None:
             return None
-        student_rows = outputs.logits[batch["lwf_mask"]]
-        return self.args.alpha * kd_loss_rows(student_rows, batch["lwf_teacher_rows"], self.args.temperature)
+        teacher = self.teacher.logits(model_inputs(batch))
+        kd = kd_loss_sum(outputs.logits, teacher, target_prediction_mask(batch["labels"]), self.args.temperature)
+        return TokenSum(self.args.alpha * kd, "labels")

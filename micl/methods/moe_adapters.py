@@ -148,15 +148,16 @@ def _llm(model):
 
 
 class _HiddenCapture:
-    """Forward pre-hook on the LLM's output embedding: keeps its input (the final hidden states) of the last
-    forward."""
+    """Forward hook on the LLM's decoder: keeps its output (the final hidden states, every position) of the
+    last forward. (The LM head's input would do too, but it only sees the positions whose logits are kept.)"""
 
     def __init__(self, module: torch.nn.Module):
         self.hidden: torch.Tensor | None = None
-        self.handle = module.register_forward_pre_hook(self._hook)
+        self.handle = module.register_forward_hook(self._hook)
 
-    def _hook(self, module, args):
-        self.hidden = args[0] if args else None
+    def _hook(self, module, args, output):
+        hidden = getattr(output, "last_hidden_state", None)
+        self.hidden = hidden if hidden is not None else (output[0] if isinstance(output, tuple) else None)
 
     def take(self) -> torch.Tensor | None:
         hidden, self.hidden = self.hidden, None
@@ -250,7 +251,7 @@ class MoeAdapters(ContinualMethod):
         self._calls = 0
         if self._capture is not None:
             self._capture.remove()
-        self._capture = _HiddenCapture(_llm(ctx.model).get_output_embeddings())
+        self._capture = _HiddenCapture(_llm(ctx.model).get_decoder())
 
     def on_epoch_end(self, ctx: StepContext) -> None:
         self._restore_frozen()
@@ -380,8 +381,10 @@ class MoeAdapters(ContinualMethod):
                 or not model.training):
             return None
         self._calls += 1
-        indices = batch.get("sample_index")
-        key = ",".join(map(str, indices.tolist())) if indices is not None else f"call{self._calls}"
+        indices = batch.get("indices")
+        if indices is None and batch.get("sample_index") is not None:
+            indices = batch["sample_index"].tolist()
+        key = ",".join(map(str, indices)) if indices is not None else f"call{self._calls}"
         rng = random.Random(f"moe_adapters:{ctx.seed}:{ctx.step}:{ctx.epoch}:{key}")
         chosen = sorted(rng.sample(range(len(self.memory)), min(self.args.preserve_batch_size, len(self.memory))))
         device = batch["input_ids"].device

@@ -17,14 +17,13 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from ..data.instructions import load_instructions
 from ..data.prompts import render_instruction
 from ..errors import ConfigError
-from ..training.trainer import model_inputs
-from .base import ContinualMethod, StepContext
-from .distill import kd_loss_rows, target_prediction_mask
+from ..modeling.multimodal import model_inputs
+from .base import ContinualMethod, StepContext, TokenSum
+from .distill import kd_loss_sum, target_prediction_mask
 from .pseudo_targets import caption_pseudo_targets, load_pseudo_qa_rules, qa_from_caption
 from .teacher import PreviousModelTeacher
 
@@ -48,6 +47,7 @@ class MoInCLArgs:
 class MoInCL(ContinualMethod):
     name = "moincl"
     Args = MoInCLArgs
+    loss_items = ("moincl.pseudo", "moincl.instructions")
 
     def __init__(self, args: MoInCLArgs | None = None):
         super().__init__(args or MoInCLArgs())
@@ -63,17 +63,16 @@ class MoInCL(ContinualMethod):
         self.rules = load_pseudo_qa_rules(a.pseudo_qa_rules)
         self.teacher: PreviousModelTeacher | None = None
         self.pseudo: list[tuple[str, str] | None] = []  # per training sample: (instruction, target)
-        self._calls = 0
 
     # ---- step lifecycle ------------------------------------------------------------------------------
     def on_task_start(self, ctx: StepContext) -> None:
         if self.args.pseudo_num > ctx.batch_size:
             raise ConfigError(f"method_args.moincl.pseudo_num ({self.args.pseudo_num}) is larger than "
                               f"train.batch_size ({ctx.batch_size})")
-        self.pseudo, self._calls = [], 0
+        self.pseudo = []
         if ctx.step == 0:
             return
-        self.teacher = PreviousModelTeacher(ctx.model)
+        self.teacher = PreviousModelTeacher.acquire(ctx.model)
         learned = {t.task_type for t in ctx.seen_tasks}
         other = OTHER_TYPE[ctx.task.task_type]
         if other in learned and self.args.pseudo_num:
@@ -111,47 +110,58 @@ class MoInCL(ContinualMethod):
 
     # ---- per batch -----------------------------------------------------------------------------------
     def augment_batch(self, batch: dict, ctx: StepContext) -> dict:
+        """Adds `moincl`: one batch of the pseudo-target duplicates and the text-only instructions, so that
+        the student and the teacher each see all of them in one forward. The draws are seeded by the batch's
+        samples (not a call counter): the same micro-batch gets the same rows however the global batch is
+        split over processes and accumulation steps, and after a resume."""
         if self.teacher is None:
             return batch
-        self._calls += 1
-        rng = random.Random(f"{ctx.seed}:{ctx.step}:{ctx.epoch}:{self._calls}")
+        indices = batch.get("indices")
+        if indices is None:
+            indices = [int(i) for i in batch["sample_index"]]
+        rng = random.Random(f"{ctx.seed}:{ctx.step}:{ctx.epoch}:{','.join(map(str, indices))}")
         dataset = ctx.train_dataset
-        batch = dict(batch)
-        candidates = [int(i) for i in batch["sample_index"] if self.pseudo and self.pseudo[int(i)] is not None]
-        if candidates:
-            chosen = rng.sample(candidates, min(self.args.pseudo_num, len(candidates)))
-            items = []
-            for index in chosen:
-                instruction, target = self.pseudo[index]
-                items.append(dataset.encode_item(index, instruction, target))
-            pseudo = ctx.collate_fn(items)
-            pseudo["kd_mask"] = target_prediction_mask(pseudo["labels"])
-            batch["pseudo"] = pseudo
+        items = []
+        candidates = [i for i in indices if self.pseudo and self.pseudo[i] is not None]
+        for index in rng.sample(candidates, min(self.args.pseudo_num, len(candidates))):
+            instruction, target = self.pseudo[index]
+            items.append(dataset.encode_item(index, instruction, target))
+        if not candidates and self.pseudo and ctx.uniform_forwards:
+            # another rank may have pseudo rows: the same forwards here, with a row that carries no target
+            items.append(dataset.encode_item(indices[0], "", None))
+        pseudo_rows = len(items)
         if self.instructions and self.args.instruction_k:
-            texts = rng.sample(self.instructions, min(self.args.instruction_k, len(self.instructions)))
-            items = []
-            for text in texts:
+            for text in rng.sample(self.instructions, min(self.args.instruction_k, len(self.instructions))):
                 encoded = dataset.builder.encode(text, {})
                 items.append({"input_ids": encoded.input_ids, "labels": encoded.labels,
                               "media_mask": encoded.media_mask, "media": {}})
-            instructions = ctx.collate_fn(items)
-            instructions["kd_mask"] = instructions["attention_mask"].bool()
-            batch["instructions"] = instructions
-        return batch
+        if not items:
+            return batch
+        extra = ctx.collate_fn(items)
+        instruction_mask = extra["attention_mask"].bool()
+        instruction_mask[:pseudo_rows] = False
+        extra["pseudo_mask"] = target_prediction_mask(extra["labels"])
+        extra["instruction_mask"] = instruction_mask
+        if pseudo_rows < len(items):
+            extra["logits_to_keep"] = 0  # the instructions are distilled at every token
+        return {**batch, "moincl": extra}
+
+    def count_loss_items(self, batch: dict) -> dict:
+        extra = batch.get("moincl")
+        if extra is None:
+            return {}
+        return {"moincl.pseudo": extra["pseudo_mask"].sum(), "moincl.instructions": extra["instruction_mask"].sum()}
 
     def auxiliary_losses(self, model, batch: dict, ctx: StepContext):
-        """CE + lambda_kl * KD on the pseudo-target duplicates, then KD on the instructions; the teacher's
-        logits are computed just before each student forward, so neither outlives its own loss."""
+        """CE + lambda_kl * KD on the pseudo-target duplicates and KD on the instructions, from one teacher and
+        one student forward over all of them (the teacher's logits are computed just before the student's)."""
+        extra = batch.get("moincl")
+        if extra is None:
+            return
         T = self.args.temperature
-        if "pseudo" in batch:
-            pseudo = batch["pseudo"]
-            teacher_rows = self.teacher.logits(pseudo, pseudo["kd_mask"])
-            student = model(**model_inputs(pseudo))
-            kd = kd_loss_rows(student.logits[pseudo["kd_mask"]], teacher_rows, T)
-            yield student.loss + self.args.lambda_kl * kd
-        if "instructions" in batch:
-            instructions = batch["instructions"]
-            teacher_rows = self.teacher.logits(instructions, instructions["kd_mask"])
-            student = model(**model_inputs(instructions))
-            kd = kd_loss_rows(student.logits[instructions["kd_mask"]], teacher_rows, T)
-            yield self.args.instruction_weight * kd
+        inputs = model_inputs(extra)
+        teacher = self.teacher.logits(inputs)
+        student = model(**inputs)
+        pseudo = student.loss_sum + self.args.lambda_kl * kd_loss_sum(student.logits, teacher, extra["pseudo_mask"], T)
+        instructions = self.args.instruction_weight * kd_loss_sum(student.logits, teacher, extra["instruction_mask"], T)
+        yield [TokenSum(pseudo, "moincl.pseudo"), TokenSum(instructions, "moincl.instructions")]

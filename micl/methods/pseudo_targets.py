@@ -19,6 +19,7 @@ from pathlib import Path
 from ..data.dataset import EncodedTaskDataset
 from ..data.prompts import find_resource
 from ..errors import ConfigError
+from ..utils.distributed import is_main_process, is_partitioned, map_sharded
 from ..utils.io import atomic_write_json, read_yaml_mapping
 
 
@@ -46,7 +47,8 @@ def qa_from_caption(caption: str, rules: list[dict], rng: random.Random) -> tupl
 
 def caption_pseudo_targets(teacher, dataset: EncodedTaskDataset, collate_fn, batch_size: int,
                            max_new_tokens: int, cache_file: Path) -> list[str]:
-    """Captions of every training input by the teacher, with the fixed captioning prompt."""
+    """Captions of every training input by the teacher, with the fixed captioning prompt. Under a launcher
+    every process captions its share of the batches and all get every caption (map_sharded)."""
     ids = [s["id"] for s in dataset.samples]
     if cache_file.is_file():
         cached = json.loads(cache_file.read_text())
@@ -54,9 +56,11 @@ def caption_pseudo_targets(teacher, dataset: EncodedTaskDataset, collate_fn, bat
             return cached["targets"]
     prompts = EncodedTaskDataset([{**s, "task_type": "caption", "instruction": ""} for s in dataset.samples],
                                  dataset.features, dataset.builder, dataset.templates, train=False)
-    targets: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = collate_fn([prompts[i] for i in range(start, min(start + batch_size, len(prompts)))])
-        targets.extend(teacher.generate(batch, max_new_tokens=max_new_tokens))
-    atomic_write_json(cache_file, {"ids": ids, "targets": targets})
+    jobs = [range(start, min(start + batch_size, len(prompts))) for start in range(0, len(prompts), batch_size)]
+    zero3 = any(is_partitioned(p) for p in teacher.model.parameters())
+    batches = map_sharded(lambda rows: teacher.generate(collate_fn([prompts[i] for i in rows]),
+                                                        max_new_tokens=max_new_tokens), jobs, uniform=zero3)
+    targets = [text for texts in batches for text in texts]
+    if is_main_process():
+        atomic_write_json(cache_file, {"ids": ids, "targets": targets})
     return targets

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from ..modeling.multimodal import model_inputs, move_to
-from .base import ContinualMethod, StepContext
+from ..modeling.prompting import target_tokens
+from .base import ContinualMethod, StepContext, TokenSum
 
 
 @dataclass
@@ -74,6 +75,7 @@ def stratified_draw(buffers: dict[str, list[int]], batch_size: int, rng: random.
 class Replay(ContinualMethod):
     name = "replay"
     Args = ReplayArgs
+    loss_items = ("replay",)
 
     def __init__(self, args: ReplayArgs | None = None):
         super().__init__(args or ReplayArgs())
@@ -117,22 +119,32 @@ class Replay(ContinualMethod):
         return items
 
     # ---- loss ---------------------------------------------------------------------------------------
+    def augment_batch(self, batch: dict, ctx: StepContext) -> dict:
+        """Adds `replay`: the replay mini-batch drawn for this training batch (none while the buffers are empty)."""
+        if not any(self.buffers.values()) or self.args.weight == 0:
+            return batch
+        self._calls += 1
+        indices = batch.get("indices")
+        if indices is None and batch.get("sample_index") is not None:
+            indices = batch["sample_index"].tolist()
+        key = ",".join(map(str, indices)) if indices is not None else f"call{self._calls}"
+        return {**batch, "replay": ctx.collate_fn(self.replay_items(ctx, self.draw(ctx, key)))}
+
+    def count_loss_items(self, batch: dict) -> dict:
+        return {"replay": target_tokens(batch["replay"]["labels"])} if "replay" in batch else {}
+
     def auxiliary_losses(self, model, batch: dict, ctx: StepContext):
-        loss = self.replay_loss(model, batch, ctx)
-        if loss is not None:
-            yield loss
+        """weight * CE summed over the replay mini-batch's target tokens."""
+        if "replay" in batch:
+            outputs = model(**model_inputs(batch["replay"]))
+            yield TokenSum(self.args.weight * outputs.loss_sum, "replay")
 
     def replay_loss(self, model, batch: dict, ctx: StepContext):
-        """weight * CE on a replay mini-batch drawn for this training batch, or None (empty buffers)."""
-        if not any(self.buffers.values()) or self.args.weight == 0:
+        """weight * mean CE on the replay mini-batch drawn for this training batch, or None (empty buffers)."""
+        augmented = self.augment_batch(batch, ctx)
+        if "replay" not in augmented:
             return None
-        self._calls += 1
-        indices = batch.get("sample_index")
-        key = ",".join(map(str, indices.tolist())) if indices is not None else f"call{self._calls}"
-        items = self.replay_items(ctx, self.draw(ctx, key))
-        replay = ctx.collate_fn(items)
-        device = batch["input_ids"].device
-        inputs = move_to(model_inputs(replay), device)
+        inputs = move_to(model_inputs(augmented["replay"]), batch["input_ids"].device)
         return self.args.weight * model(**inputs).loss
 
     # ---- state --------------------------------------------------------------------------------------

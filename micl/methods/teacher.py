@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from ..modeling.projectors import Projector
-from ..training.trainer import model_inputs
+from ..modeling.multimodal import model_inputs
 from ..utils.distributed import gathered, has_master_copy, is_partitioned, set_trained_value, trained_value
 
 TEACHER_ADAPTER = "teacher"
@@ -38,7 +38,20 @@ def _frozen_copy(projectors: torch.nn.ModuleDict) -> torch.nn.ModuleDict:
 
 
 class PreviousModelTeacher:
+    """Methods of one recipe that need the previous model (MoInCL, LwF) share one teacher: `acquire` makes
+    it for the first and hands it to the others; it is removed when the last one calls `remove`."""
+
+    @classmethod
+    def acquire(cls, model) -> "PreviousModelTeacher":
+        teacher = getattr(model, "_previous_model_teacher", None)
+        if teacher is None:
+            teacher = cls(model)
+            model._previous_model_teacher = teacher
+        teacher.users += 1
+        return teacher
+
     def __init__(self, model):
+        self.users = 0
         self.model = model
         peft_model = model.llm
         self.student_adapter = peft_model.active_adapter
@@ -79,10 +92,19 @@ class PreviousModelTeacher:
 
     @torch.no_grad()
     def logits(self, batch: dict, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher logits [batch, length, vocab], or only the rows where `mask` is true ([n, vocab])."""
+        """Teacher logits of the positions the batch's `logits_to_keep` keeps (as the student's forward on
+        the same batch: [batch, kept, vocab]), or only the rows where `mask` is true ([n, vocab]). The
+        teacher computes no loss (its labels are not passed)."""
+        inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
+        if "logits_to_keep" not in inputs and "labels" in batch:
+            from ..modeling.multimodal import label_window_of
+
+            inputs["logits_to_keep"] = label_window_of(batch["labels"])
         with self.active() as model:
-            logits = model(**model_inputs(batch)).logits.detach()
-        return logits if mask is None else logits[mask.bool()]
+            logits = model(**inputs).logits.detach()
+        if mask is None:
+            return logits
+        return logits[mask[:, mask.shape[1] - logits.shape[1]:].bool()]
 
     @torch.no_grad()
     def generate(self, batch: dict, **kwargs) -> list[str]:
@@ -108,5 +130,10 @@ class PreviousModelTeacher:
                 set_trained_value(new, trained_value(new) * alpha + old.detach().float() * (1 - alpha))
 
     def remove(self) -> None:
+        self.users -= 1
+        if self.users > 0:
+            return
         self.model.llm.delete_adapter(TEACHER_ADAPTER)
         self.model.llm.set_adapter(self.student_adapter)
+        if getattr(self.model, "_previous_model_teacher", None) is self:
+            del self.model._previous_model_teacher

@@ -18,11 +18,15 @@ A phase pushed to the Hub (micl/hub.py) has the adapter files at the repo root i
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -31,7 +35,8 @@ from ..errors import MiclError
 from .low_rank import (UPDATES_FORMAT, apply_low_rank_update, same_update, updates_from_tensors,
                        updates_to_tensors)
 from .projectors import build_projectors
-from .prompting import MEDIA_ORDER
+from .prompting import IGNORE_INDEX, MEDIA_ORDER
+from transformers.utils import ModelOutput
 
 PROJECTORS_FILE = "projectors.safetensors"
 UPDATES_FILE = "base_updates.safetensors"
@@ -39,7 +44,31 @@ MODULATOR_FILE = "media_modulator.safetensors"
 MODEL_CONFIG_FILE = "micl_model.json"
 ADAPTER_DIR = "adapter"
 #: the batch keys MultimodalLM.forward takes
-MODEL_INPUTS = ("input_ids", "attention_mask", "media_mask", "media_features", "media_rows", "media_tasks", "labels")
+MODEL_INPUTS = ("input_ids", "attention_mask", "media_mask", "media_features", "media_rows", "media_tasks", "labels",
+                "media_masks", "logits_to_keep")
+
+
+@dataclass
+class MultimodalOutput(ModelOutput):
+    """`logits` cover positions `logits_offset`.. of the batch (see MultimodalLM.forward)."""
+
+    loss: torch.Tensor | None = None
+    loss_sum: torch.Tensor | None = None
+    num_tokens: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    logits_offset: int | None = None
+
+
+def label_window_of(labels) -> int:
+    """`logits_to_keep` from a labels tensor (reads it back from the device: the collator works it out
+    on the CPU instead)."""
+    if labels is None:
+        return 0
+    targets = (labels[:, 1:] != IGNORE_INDEX).any(0)
+    if not bool(targets.any()):
+        return 0
+    first = int(targets.nonzero()[0])  # the logit at `first` predicts the first target token
+    return labels.shape[1] - first
 
 
 def model_inputs(batch: dict) -> dict:
@@ -63,8 +92,9 @@ class MultimodalLM(nn.Module):
         self.media_dims = dict(media_dims)
         self.settings = dict(settings or {})
         llm_dim = llm.get_input_embeddings().embedding_dim
+        # trained from scratch: kept in float32 whatever the LLM's dtype (a bf16 weight does not move at small
+        # learning rates); the compute runs in the LLM's dtype under autocast, or is cast in `embed`
         self.projectors = build_projectors(self.media_dims, llm_dim, projector_hidden)
-        self.projectors.to(next(llm.parameters()).dtype)
         # optional: a module called in `embed` as modulator(projected, media_rows, media_tasks), mapping
         # {modality: projected tokens [n, T, d]} to the same (media_rows / media_tasks as in the batch); it
         # must have `modulator_config()` -> JSON kwargs of its class, to be rebuilt from a phase folder
@@ -91,10 +121,20 @@ class MultimodalLM(nn.Module):
         for param in llm.parameters():
             param.requires_grad_(False)
         peft_llm = get_peft_model(llm, peft_config)
-        return cls(peft_llm, tokenizer, media_dims, projector_hidden, settings)
+        model = cls(peft_llm, tokenizer, media_dims, projector_hidden, settings)
+        model.upcast_trainable()
+        return model
+
+    def upcast_trainable(self) -> None:
+        """Trainable parameters in float32 (an fp32 master copy, as DeepSpeed keeps one in its optimizer):
+        AdamW on bf16 weights at lr 1e-5 leaves most of them unchanged, and fp16 gradients cannot be unscaled.
+        PEFT already does this for its own adapters; this covers micl's tuners, projectors and modulators."""
+        for param in self.parameters():
+            if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
 
     # ---- forward --------------------------------------------------------------------------------------
-    def embed(self, input_ids, media_mask, media_features=None, media_rows=None, media_tasks=None):
+    def embed(self, input_ids, media_mask, media_features=None, media_rows=None, media_tasks=None, media_masks=None):
         embeds = self.llm.get_input_embeddings()(input_ids)
         if not media_features:
             return embeds
@@ -102,9 +142,21 @@ class MultimodalLM(nn.Module):
         for modality, features in media_features.items():
             if modality not in self.projectors:
                 raise MiclError(f"no projector for modality {modality!r}; known: {', '.join(self.projectors)}")
-            projected[modality] = self.projectors[modality](features.to(embeds.dtype))
-        if self.media_modulator is not None:
+            projector = self.projectors[modality]
+            projected[modality] = projector(features.to(projector.dtype))
+        if self.media_modulator is not None:  # as trainable as the projectors: the same dtype
             projected = self.media_modulator(projected, media_rows, media_tasks)
+        projected = {m: tokens.to(embeds.dtype) for m, tokens in projected.items()}
+        if media_masks is None:  # a batch not made by MultimodalCollator
+            return self._scatter_by_rows(embeds, media_mask, projected, media_rows)
+        # each modality's placeholders, filled in row-major order: one item per row and modality, in row order
+        for modality, tokens in projected.items():
+            mask = media_masks[modality].unsqueeze(-1)
+            embeds = embeds.masked_scatter(mask, tokens.reshape(-1, tokens.shape[-1]))
+        return embeds
+
+    @staticmethod
+    def _scatter_by_rows(embeds, media_mask, projected, media_rows):
         pieces = []
         for modality, tokens in projected.items():
             slot = MEDIA_ORDER.index(modality)
@@ -124,14 +176,32 @@ class MultimodalLM(nn.Module):
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
     def forward(self, input_ids, attention_mask, media_mask, media_features=None, media_rows=None, media_tasks=None,
-                labels=None):
-        inputs_embeds = self.embed(input_ids, media_mask, media_features, media_rows, media_tasks)
-        return self.llm(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=self.position_ids(attention_mask),
-            labels=labels,
-        )
+                labels=None, media_masks=None, logits_to_keep=None):
+        """Logits of the last `logits_to_keep` positions only (0 = all; None = those that predict a target,
+        worked out from `labels`): the LM head is a fifth of a 1B model's FLOPs and only the few target
+        positions at the end of a left-padded row need it. With labels, the loss is the summed token
+        cross-entropy (`loss_sum`, over `num_tokens` targets) and its mean (`loss`)."""
+        inputs_embeds = self.embed(input_ids, media_mask, media_features, media_rows, media_tasks, media_masks)
+        if logits_to_keep is None:
+            logits_to_keep = label_window_of(labels)
+        kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep and self._keeps_logits else {}
+        outputs = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           position_ids=self.position_ids(attention_mask), **kwargs)
+        logits = outputs.logits
+        result = MultimodalOutput(logits=logits, logits_offset=input_ids.shape[1] - logits.shape[1])
+        if labels is not None:
+            targets = labels[:, result.logits_offset + 1:]
+            result.loss_sum = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                                              ignore_index=IGNORE_INDEX, reduction="sum")
+            result.num_tokens = (targets != IGNORE_INDEX).sum()
+            result.loss = result.loss_sum / result.num_tokens.clamp(min=1)
+        return result
+
+    @cached_property
+    def _keeps_logits(self) -> bool:
+        """Whether the LLM's forward takes `logits_to_keep` (transformers' causal LMs since 4.45)."""
+        base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
 
     @property
     def device(self) -> torch.device:
@@ -141,7 +211,7 @@ class MultimodalLM(nn.Module):
     def generate(self, batch, max_new_tokens=24, num_beams=1, repetition_penalty=1.0) -> list[str]:
         batch = move_to(batch, self.device)
         inputs_embeds = self.embed(batch["input_ids"], batch["media_mask"], batch.get("media_features"),
-                                   batch.get("media_rows"), batch.get("media_tasks"))
+                                   batch.get("media_rows"), batch.get("media_tasks"), batch.get("media_masks"))
         output = self.llm.generate(
             inputs_embeds=inputs_embeds,
             attention_mask=batch["attention_mask"],

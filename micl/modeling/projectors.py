@@ -20,6 +20,10 @@ class Projector(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, output_dim)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.fc1.weight.dtype
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """[batch, tokens, input_dim] -> [batch, tokens, output_dim]"""
         return self.fc2(self.act(self.fc1(self.norm(features))))

@@ -21,6 +21,11 @@ MEDIA_ORDER = ("image", "video", "audio")
 IGNORE_INDEX = -100
 
 
+def target_tokens(labels):
+    """Number of target tokens a causal LM predicts in a [batch, length] labels tensor (a tensor)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
 @dataclass
 class EncodedSample:
     input_ids: list[int]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers import TrainerCallback
 
-from ..utils.distributed import is_main_process, world_size
+from ..utils.distributed import world_size
 
 
 def broadcast_score(score: float | None) -> float:
@@ -29,7 +29,7 @@ def broadcast_score(score: float | None) -> float:
 class EarlyStopping(TrainerCallback):
     def __init__(self, model, score_fn, patience: int):
         self.model = model
-        self.score_fn = score_fn  # () -> validation score on the main process (None elsewhere)
+        self.score_fn = score_fn  # () -> validation score, called on every rank (None except on the main one)
         self.patience = patience
         self.scores: list[float] = []
         self.best_epoch: int | None = None
@@ -40,7 +40,7 @@ class EarlyStopping(TrainerCallback):
         return 0 if self.best_epoch is None else len(self.scores) - 1 - self.best_epoch
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        score = broadcast_score(self.score_fn() if is_main_process() else None)
+        score = broadcast_score(self.score_fn())
         self.scores.append(float(score))
         if self.best_epoch is None or score > self.scores[self.best_epoch]:
             self.best_epoch = len(self.scores) - 1

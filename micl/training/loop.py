@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -46,10 +45,10 @@ from ..modeling.llm import cache_root, load_llm
 from ..modeling.multimodal import MultimodalLM
 from ..modeling.prompting import PromptBuilder
 from ..utils.distributed import (barrier, deepspeed_zero_stage, gathered, init_distributed, is_main_process,
-                                 is_partitioned, main_process_first, plain_model_loading,
+                                 launch_device, main_process_first, plain_model_loading,
                                  training_arguments_kwargs)
 from ..utils.io import atomic_write_json
-from .evaluation import evaluate_task, generate_predictions
+from .evaluation import evaluate_task
 from .early_stopping import EarlyStopping
 from .trainer import MiclTrainer
 
@@ -144,8 +143,9 @@ class ContinualRun:
             settings = {"llm": cfg.llm, "dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code,
                         "projector_hidden": cfg.projector_hidden, "system_prompt": cfg.system_prompt,
                         "encoders": {m: e.identity for m, e in self.encoders.items()}}
-            self._model = MultimodalLM.with_adapter(llm, tokenizer, media_dims, build_peft_config(self.config.lora),
-                                                    cfg.projector_hidden, settings)
+            model = MultimodalLM.with_adapter(llm, tokenizer, media_dims, build_peft_config(self.config.lora),
+                                              cfg.projector_hidden, settings)
+            self._model = model.to(launch_device())  # the evaluations before the first Trainer run there too
         return self._model
 
     @cached_property
@@ -188,16 +188,11 @@ class ContinualRun:
             finished.append(json.loads(metrics_file.read_text()))
         return finished
 
-    def _evaluate(self, task, desc: str) -> dict:
-        """Scored on the main process. Under DeepSpeed ZeRO-3 every forward gathers the partitioned weights
-        collectively, so the other ranks run the same generation on the same inputs (and discard it);
-        otherwise they have nothing to do. Their result has score None."""
-        dataset = self.dataset(task, self.config.data.eval_split)
-        if is_main_process():
-            return evaluate_task(self.model, task, dataset, self.config.eval, desc)
-        if any(is_partitioned(p) for p in self.model.parameters()):
-            generate_predictions(self.model, dataset, self.config.eval, desc)
-        return {"score": None, "predictions": []}
+    def _evaluate(self, task, desc: str, split: str | None = None) -> dict:
+        """Called on every rank: each generates its share of the batches (training/evaluation.py), the main
+        process scores; the other ranks' result has score None."""
+        dataset = self.dataset(task, split or self.config.data.eval_split)
+        return evaluate_task(self.model, task, dataset, self.config.eval, desc, sharded=True)
 
     def _initial_scores(self) -> list[float] | None:
         if not self.config.eval.forward_transfer:
@@ -212,7 +207,11 @@ class ContinualRun:
 
     def _training_args(self, step: int, dataset) -> TrainingArguments:
         train = self.config.train
-        steps_per_epoch = math.ceil(len(dataset) / (train.batch_size * train.grad_accum))
+        from transformers.training_args import OptimizerNames
+
+        if train.optim not in {o.value for o in OptimizerNames}:
+            raise ConfigError(f"train.optim: unknown optimizer {train.optim!r}; valid: "
+                              f"{', '.join(o.value for o in OptimizerNames)}")
         return TrainingArguments(
             output_dir=str(self.out / ".checkpoints" / f"step_{step}"),
             per_device_train_batch_size=train.batch_size,
@@ -220,8 +219,12 @@ class ContinualRun:
             num_train_epochs=train.epochs,
             learning_rate=train.lr,
             weight_decay=train.weight_decay,
+            optim=train.optim,
             lr_scheduler_type=train.lr_scheduler,
-            warmup_steps=math.ceil(train.warmup_ratio * steps_per_epoch * train.epochs),
+            # a ratio: the Trainer takes it of the real optimizer steps (processes and accumulation included)
+            warmup_steps=train.warmup_ratio,
+            max_grad_norm=train.max_grad_norm,
+            ddp_timeout=int(train.ddp_timeout),
             logging_steps=train.logging_steps,
             save_strategy="steps",
             save_steps=train.save_steps,
@@ -281,6 +284,8 @@ class ContinualRun:
             "train_runtime_s": time.time() - started,
             "train_tokens": tokens,
             "resumed_from": Path(resume).name if resume else None,
+            "optimizer_steps": trainer.state.global_step,
+            "warmup_steps": args.get_warmup_steps(trainer.state.max_steps),
             "log_history": trainer.state.log_history,
             **({"early_stopping": early_stopping.summary()} if early_stopping is not None else {}),
         }
@@ -296,8 +301,7 @@ class ContinualRun:
         if not len(dataset):
             raise ConfigError(f"train.early_stopping_patience: task {task.name} has no validation samples "
                               f"({split_path(self.data_root, task.name, 'val')})")
-        return EarlyStopping(self.model, lambda: evaluate_task(self.model, task, dataset, self.config.eval,
-                                                               f"val {task.name}")["score"], patience)
+        return EarlyStopping(self.model, lambda: self._evaluate(task, f"val {task.name}", "val")["score"], patience)
 
     def _release_trainer(self) -> None:
         """Destroys the previous step's DeepSpeed engine (its ZeRO-3 hooks gather the weights for the
@@ -372,7 +376,7 @@ class ContinualRun:
     def run(self) -> dict:
         if self.config.train.num_threads:
             torch.set_num_threads(self.config.train.num_threads)
-        init_distributed()  # a no-op in a single process; docs/distributed.md
+        init_distributed(self.config.train.ddp_timeout)  # a no-op in a single process; docs/distributed.md
         self._check_zero3_methods()
         self._check_or_write_run_config()
         barrier()

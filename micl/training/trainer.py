@@ -7,6 +7,7 @@ killed step exactly; the frozen LLM is never written (538 MB for the embedded de
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -16,7 +17,9 @@ from safetensors.torch import load_file, save_file
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 
+from ..methods.base import TokenSum
 from ..modeling.multimodal import model_inputs
+from .loss_scale import MAIN_ITEMS, GlobalBatchScale
 from ..utils.distributed import gathered
 
 logger = logging.getLogger(__name__)
@@ -49,10 +52,15 @@ class MiclTrainer(Trainer):
     def __init__(self, *args, methods=(), ctx=None, projector_lr=None, early_stopping=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
-        # our forward takes no num_items_in_batch: let the Trainer scale the loss for accumulation
+        # compute_loss normalises every loss over the global batch itself (loss_scale.py)
         self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = True
+        self._scale: GlobalBatchScale | None = None
         self.methods = list(methods)
         self.ctx = ctx
+        if ctx is not None:
+            ctx.uniform_forwards = (self.accelerator.distributed_type == DistributedType.DEEPSPEED
+                                    and self.accelerator.num_processes > 1)
         self.add_callback(HookCallback(self.methods, ctx, self.train_dataset))
         # after the methods' epoch ends (e.g. MoInCL's interpolation): it scores the weights they leave
         self.stateful = list(self.methods)  # objects with step_state(): saved with every checkpoint
@@ -75,58 +83,48 @@ class MiclTrainer(Trainer):
             self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
         return super().create_optimizer()
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The micro-batches of one optimizer step, with the methods' inputs added (`augment_batch`), and the
+        global item counts their losses are normalised by (loss_scale.py)."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        for i, batch in enumerate(batches):
+            for method in self.methods:
+                batch = method.augment_batch(batch, self.ctx)
+            batches[i] = batch
+        self._scale = GlobalBatchScale.of_window(batches, self.methods, self.args.device,
+                                                 self.accelerator.num_processes)
+        return batches, self._scale.totals[MAIN_ITEMS]
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        given = set(inputs)
-        for method in self.methods:
-            inputs = method.augment_batch(inputs, self.ctx)
-        if model.training and self._same_forwards_on_every_rank():
-            inputs = self._agree_on_hook_inputs(inputs, given)
-        inputs = self._prepare_inputs(inputs)  # what the hooks added is still on the CPU
-        auxiliary = self._auxiliary_losses(model, inputs)
+        training = model.training and torch.is_grad_enabled() and self._scale is not None
+        scale = self._scale if training else GlobalBatchScale.of_window([inputs], self.methods, self.args.device, 1)
+        auxiliary = self._auxiliary_losses(model, inputs, scale)
         outputs = model(**model_inputs(inputs))
-        loss = outputs.loss + auxiliary
+        loss = scale.resolve(TokenSum(outputs.loss_sum)) + auxiliary
         for method in self.methods:
             extra = method.extra_loss(model, inputs, outputs, self.ctx)
             if extra is not None:
-                loss = loss + extra
+                loss = loss + scale.resolve(extra)
         return (loss, outputs) if return_outputs else loss
 
-    def _same_forwards_on_every_rank(self) -> bool:
-        """DeepSpeed with more than one process: ZeRO-3 gathers the partitioned weights in every forward
-        (a collective), and ZeRO-1/2 reduce the gradients of the one backward per micro-step (auxiliary
-        losses summed in) bucket by bucket in the order they become ready, which follows the graph."""
-        return self.accelerator.distributed_type == DistributedType.DEEPSPEED and self.accelerator.num_processes > 1
-
-    def _agree_on_hook_inputs(self, inputs: dict, given: set) -> dict:
-        """Under DeepSpeed all ranks must run the same forward passes (see above), but a hook may add an
-        auxiliary input on one rank only (MoInCL adds pseudo targets only when the rank's batch has a
-        sample with one). Inputs the hooks added on some ranks but not all are dropped on every rank for
-        this micro-step, instead of a deadlock. (DDP backpropagates them separately: nothing dropped.)"""
-        added = sorted(set(inputs) - given)
-        everyone: list = [None] * self.accelerator.num_processes
-        torch.distributed.all_gather_object(everyone, added)
-        common = set.intersection(*(set(keys) for keys in everyone))
-        dropped = sorted(set().union(*(set(keys) for keys in everyone)) - common)
-        if dropped:
-            logger.info("hook inputs %s are not on every rank in this micro-step; skipped on all", dropped)
-            inputs = {k: v for k, v in inputs.items() if k in given or k in common}
-        return inputs
-
-    def _auxiliary_losses(self, model, inputs) -> torch.Tensor:
-        """Sum of the hooks' auxiliary losses. While training, each is backpropagated at once (scaled as
-        `training_step` scales the main loss) so that its graph is freed before the next forward: peak
-        memory is one graph, not the sum of all. The returned sum is detached, for logging only.
+    def _auxiliary_losses(self, model, inputs, scale) -> torch.Tensor:
+        """Sum of the hooks' auxiliary losses. While training, each is backpropagated at once so that its graph
+        is freed before the next forward: peak memory is one graph, not the sum of all. The returned sum is
+        detached, for logging only. Under DDP their forwards and backwards run inside `no_sync`: a forward
+        outside it prepares DDP's gradient reduction, and ranks with different numbers of auxiliary passes
+        would then mismatch their all-reduces (the main backward reduces everything accumulated).
         Under DeepSpeed (one backward per micro-step) they are summed into the main loss instead."""
         total = torch.zeros((), device=self.args.device)
         separate = (model.training and torch.is_grad_enabled()
                     and self.accelerator.distributed_type != DistributedType.DEEPSPEED)
-        for method in self.methods:
-            for loss in method.auxiliary_losses(model, inputs, self.ctx):
-                if separate:
-                    with self.accelerator.no_sync(model):  # the main backward all-reduces the sum
-                        self.accelerator.backward(loss / self.current_gradient_accumulation_steps)
-                    loss = loss.detach()
-                total = total + loss
+        with self.accelerator.no_sync(model) if separate else contextlib.nullcontext():
+            for method in self.methods:
+                for loss in method.auxiliary_losses(model, inputs, self.ctx):
+                    loss = scale.resolve(loss)
+                    if separate:
+                        self.accelerator.backward(loss)
+                        loss = loss.detach()
+                    total = total + loss
         return total
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):

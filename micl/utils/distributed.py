@@ -18,6 +18,7 @@ A single process (no launcher) takes none of these paths: nothing changes there.
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import contextmanager, nullcontext
 
@@ -52,22 +53,72 @@ def use_cpu() -> bool:
     return _env_flag("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
 
 
-def init_distributed():
-    """Creates Accelerate's PartialState (and the process group) once per process; None for a single
-    process. Idempotent: `micl compare` trains several recipes in one process."""
+DEFAULT_TIMEOUT_S = 1800
+
+
+def init_distributed(timeout_s: float | None = None):
+    """Creates Accelerate's PartialState (and the process group, with collectives timing out after
+    `timeout_s`, the recipe's `train.ddp_timeout`) once per process; None for a single process.
+    Idempotent: `micl compare` trains several recipes in one process."""
     if not launched_distributed():
         return None
+    from datetime import timedelta
+
     from accelerate import PartialState
 
     if PartialState._shared_state:  # already set up (an earlier recipe of this process)
         return PartialState()
+    timeout = timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
     if deepspeed_requested():
         # DeepSpeed picks its own backend name from the accelerator; on CPU Accelerate would then see no
         # backend and run each process as a world of one. Forcing gloo keeps the world.
-        return PartialState(backend="gloo") if use_cpu() else PartialState()
+        return PartialState(backend="gloo", timeout=timeout) if use_cpu() else PartialState(timeout=timeout)
     if use_cpu():
-        return PartialState(cpu=True, backend="gloo")
-    return PartialState()
+        return PartialState(cpu=True, backend="gloo", timeout=timeout)
+    return PartialState(timeout=timeout)
+
+
+def launch_device() -> torch.device:
+    """The device this process computes on: the launcher's (one GPU per process), else the first GPU /
+    MPS, else the CPU. The model is placed there as soon as it is built, so that the evaluations before
+    the first Trainer exists run on it too."""
+    state = _state()
+    if state is not None:
+        return state.device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if _mps_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def rank() -> int:
+    state = _state()
+    return 0 if state is None else state.process_index
+
+
+def map_sharded(fn, jobs: list, uniform: bool = False) -> list:
+    """`[fn(job) for job in jobs]`, with the jobs shared by the processes of a launch: rank r runs jobs r,
+    r + N, ... and every rank gets all results, in job order (one all_gather_object). `uniform`: every rank
+    calls `fn` equally often (under ZeRO-3 each forward is a collective), repeating a job and dropping its
+    result where it has fewer. In a single process: a plain loop."""
+    processes = world_size()
+    if processes == 1:
+        return [fn(job) for job in jobs]
+    mine = list(range(rank(), len(jobs), processes))
+    calls = math.ceil(len(jobs) / processes) if uniform else len(mine)
+    results = {}
+    for call in range(calls):
+        index = mine[call] if call < len(mine) else (mine[-1] if mine else 0)
+        if not jobs:
+            break
+        output = fn(jobs[index])
+        if call < len(mine):
+            results[index] = output
+    everyone: list = [None] * processes
+    torch.distributed.all_gather_object(everyone, results)
+    merged = {k: v for part in everyone for k, v in part.items()}
+    return [merged[i] for i in range(len(jobs))]
 
 
 # DeepSpeed settings that the Trainer derives from `model.config.hidden_size` when they are "auto";
