@@ -47,7 +47,7 @@ from ..modeling.multimodal import MultimodalLM
 from ..modeling.prompting import PromptBuilder
 from ..utils.distributed import (barrier, deepspeed_zero_stage, gathered, init_distributed, is_main_process,
                                  is_partitioned, main_process_first, plain_model_loading,
-                                 training_arguments_kwargs)
+                                 training_arguments_kwargs, world_size)
 from ..utils.io import atomic_write_json
 from .evaluation import evaluate_task, generate_predictions
 from .early_stopping import EarlyStopping
@@ -455,6 +455,7 @@ class ContinualRun:
             "metrics": metrics,
             "pre_step_score": pre_step,
             **train_stats,
+            "world_size": world_size(),  # processes that trained the step
             "step_runtime_s": time.time() - started,
         }
         self._save_phase(step, task, record, predictions)
