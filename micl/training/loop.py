@@ -49,6 +49,7 @@ from ..utils.distributed import (barrier, deepspeed_zero_stage, gathered, init_d
                                  is_partitioned, main_process_first, plain_model_loading,
                                  training_arguments_kwargs, world_size)
 from ..utils.io import atomic_write_json
+from .checkpoint_layout import LayoutCallback, check_resumable
 from .evaluation import evaluate_task, generate_predictions
 from .early_stopping import EarlyStopping
 from .trainer import MiclTrainer
@@ -259,7 +260,7 @@ class ContinualRun:
             data_collator=MultimodalCollator(self.model.tokenizer.pad_token_id),
             methods=self.methods,
             ctx=ctx,
-            callbacks=self._tensorboard(step),
+            callbacks=[LayoutCallback(), *self._tensorboard(step)],
             projector_lr=self.config.train.projector_lr,
             early_stopping=early_stopping,
         )
@@ -267,6 +268,7 @@ class ContinualRun:
                              key=lambda p: int(p.name.split("-")[1]))
         resume = str(checkpoints[-1]) if checkpoints else None
         if resume:
+            check_resumable(resume, step)  # written by the same launch (micl/training/checkpoint_layout.py)
             logger.info("resuming step %d from %s", step, resume)
         started = time.time()
         result = trainer.train(resume_from_checkpoint=resume)
