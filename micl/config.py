@@ -86,7 +86,7 @@ class TrainArgs:
                 "epoch's weights (train.epochs is then the maximum); null = train every epoch"})
     logging_steps: int = 5
     gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute the LLM's layer activations in the backward (less memory, ~30% more compute)"})
+        "help": "recompute the LLM's layer activations in the backward (less memory, more compute)"})
     dataloader_num_workers: int = field(default=0, metadata={"help": "data loading worker processes per process"})
     dataloader_pin_memory: bool = field(default=False, metadata={"help": "page-locked batches (faster GPU copies)"})
     num_threads: int | None = field(default=None, metadata={"help": "torch threads on CPU; null = torch default"})

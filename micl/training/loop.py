@@ -15,6 +15,7 @@ A finished step is a step folder with metrics.json; results.json is rebuilt from
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -57,6 +58,9 @@ from .trainer import MiclTrainer
 logger = logging.getLogger(__name__)
 
 RUN_IDENTITY_KEYS = ("order", "seed", "method", "method_args", "model", "lora", "data", "train")
+# how a run is computed, not what: may change when a run is resumed (e.g. checkpointing after an OOM)
+RUNTIME_KEYS = {"model": ("attn_implementation",),
+                "train": ("gradient_checkpointing", "dataloader_num_workers", "dataloader_pin_memory")}
 ZERO3_UNSUPPORTED = ("ewc", "replay")  # docs/distributed.md
 
 
@@ -72,11 +76,28 @@ def _tensorboard_available() -> bool:
     return True
 
 
+def _activation_checkpointing(enabled: bool) -> dict:
+    """`train.gradient_checkpointing` as TrainingArguments take it (transformers 5 renamed the setting)."""
+    if not enabled:
+        return {}
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
+
+
 def _checkpoint_complete(folder: Path) -> bool:
     """A process killed while the Trainer writes a checkpoint leaves it partial: resume from an older one.
     Under DeepSpeed the optimizer state is DeepSpeed's own checkpoint (`latest` names its folder)."""
     optimizer = (folder / "optimizer.pt").is_file() or (folder / "latest").is_file()
     return optimizer and all((folder / name).is_file() for name in ("trainable.safetensors", "trainer_state.json"))
+
+
+def _identity(config: dict, key: str):
+    """`config[key]` without its RUNTIME_KEYS."""
+    value = config.get(key)
+    if isinstance(value, dict) and key in RUNTIME_KEYS:
+        value = {k: v for k, v in value.items() if k not in RUNTIME_KEYS[key]}
+    return value
 
 
 def _with_defaults(stored: dict) -> dict:
@@ -113,7 +134,7 @@ class ContinualRun:
         path = self.out / "run_config.json"
         if path.is_file():
             previous = _with_defaults(json.loads(path.read_text()))
-            changed = [k for k in RUN_IDENTITY_KEYS if previous.get(k) != resolved.get(k)]
+            changed = [k for k in RUN_IDENTITY_KEYS if _identity(previous, k) != _identity(resolved, k)]
             if changed:
                 raise ConfigError(
                     f"{path}: output_dir already holds a run with different settings ({', '.join(changed)}); "
@@ -140,7 +161,7 @@ class ContinualRun:
             set_seed(self.config.seed)
             # the embedded LLM is converted and cached on first use; loaded whole (see plain_model_loading)
             with main_process_first(), plain_model_loading():
-                llm, tokenizer = load_llm(cfg.llm, cfg.dtype, cfg.trust_remote_code)
+                llm, tokenizer = load_llm(cfg.llm, cfg.dtype, cfg.trust_remote_code, cfg.attn_implementation)
             media_dims = {m: enc.output_dim for m, enc in self.encoders.items()}
             settings = {"llm": cfg.llm, "dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code,
                         "projector_hidden": cfg.projector_hidden, "system_prompt": cfg.system_prompt,
@@ -230,8 +251,9 @@ class ContinualRun:
             seed=self.config.seed + step,
             report_to=[],
             remove_unused_columns=False,
-            dataloader_num_workers=0,
-            dataloader_pin_memory=False,
+            dataloader_num_workers=train.dataloader_num_workers,
+            dataloader_pin_memory=train.dataloader_pin_memory,
+            **_activation_checkpointing(train.gradient_checkpointing),
             bf16=self.config.model.dtype == "bfloat16",
             fp16=self.config.model.dtype == "float16",
             # {} in a single process; under a launcher: process group, DeepSpeed JSON (docs/distributed.md)
