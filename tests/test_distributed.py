@@ -5,7 +5,8 @@ tests/distributed_worker.py, which runs `micl train` with probe hooks and writes
 Checked against a single-process run with the same global batch (2 processes x 2 = 4): the world size and
 distributed type in every process, each rank's disjoint half of every epoch, the same loss trajectory,
 ZeRO-3's partitioned weights, a ZeRO-3 checkpoint reloaded in one process (same logits and predictions),
-and MoInCL's teacher forward and LoRA interpolation (fp32 master copy included) under ZeRO-2 and ZeRO-3.
+MoInCL's teacher forward and LoRA interpolation (fp32 master copy included) under ZeRO-2 and ZeRO-3, and
+ZeRO-2 checkpoints without the frozen LLM that a killed run resumes from.
 
 Every sample of the first task has a one-token answer, so each rank's batch has the same number of target
 tokens: the mean of the per-rank mean losses (what DDP/DeepSpeed average) is then the single-process mean.
