@@ -17,9 +17,17 @@ from .errors import ConfigError, MiclError
 
 def _train(args) -> int:
     from .config import load_recipe
-    from .training.loop import train
+    from .launch import already_launched, launch_requested, run_launch
 
     config = load_recipe(args.recipe, args.overrides)
+    if launch_requested(config):  # the recipe's `launch` section: start the processes (micl/launch.py)
+        micl_args = [*(["-v"] if args.verbose else []), "train", args.recipe, *args.overrides]
+        return run_launch(config.launch, args.recipe, micl_args)
+    if config.launch.config is not None and already_launched() and os.environ.get("RANK", "0") == "0":
+        logging.getLogger("micl").info("launch.config %r ignored: already running under a launcher",
+                                       config.launch.config)
+    from .training.loop import train
+
     results = train(config, source=args.recipe)
     from .utils.distributed import is_main_process
 
@@ -41,6 +49,7 @@ def _compare(args) -> int:
     from pathlib import Path
 
     from .config import load_recipe
+    from .launch import already_launched
     from .evaluation.compare import run_summary, write_comparison
     from .training.loop import train
 
@@ -50,6 +59,9 @@ def _compare(args) -> int:
             method = Path(recipe).stem
             run_dir = Path(args.out) / f"{method}-{order}"
             config = load_recipe(recipe, [f"order={order}", f"output_dir={run_dir}", *args.overrides])
+            if config.launch.config is not None and not already_launched():
+                print(f"[micl compare] {recipe}: launch.config is ignored here (runs one recipe after another in "
+                      f"this process; start micl compare under accelerate launch instead)", flush=True)
             if args.skip_missing and not _run_finished(run_dir):
                 print(f"[micl compare] {method} / {order}: no finished run in {run_dir}, left out", flush=True)
                 continue

@@ -31,6 +31,9 @@ class ModelArgs:
     projector_hidden: int | None = field(default=None, metadata={"help": "projector width; null = LLM width"})
     system_prompt: str | None = field(default="", metadata={"help": "system message; null = template default"})
     dtype: str = field(default="float32", metadata={"choices": ["float32", "bfloat16", "float16"]})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "the LLM's attention: eager, sdpa, flash_attention_2 (needs flash-attn), ...; null = transformers' "
+                "default"})
     trust_remote_code: bool = False
 
 
@@ -87,6 +90,10 @@ class TrainArgs:
     ddp_timeout: float = field(default=1800, metadata={
         "help": "seconds a collective may wait for the other processes before the job fails"})
     logging_steps: int = 5
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute the LLM's layer activations in the backward (less memory, more compute)"})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "data loading worker processes per process"})
+    dataloader_pin_memory: bool = field(default=False, metadata={"help": "page-locked batches (faster GPU copies)"})
     num_threads: int | None = field(default=None, metadata={"help": "torch threads on CPU; null = torch default"})
     tensorboard: bool = field(default=True, metadata={"help": "log to TensorBoard when it is installed"})
 
@@ -103,6 +110,18 @@ class EvalArgs:
 
 
 @dataclass
+class LaunchArgs:
+    config: str | None = field(default=None, metadata={
+        "help": "`micl train` starts the processes itself with this accelerate config: ddp, zero2, zero3, "
+                "zero3_offload, cpu (recipes/accelerate/) or a config file; null = one process. Ignored under a "
+                "launcher (accelerate launch, torchrun)"})
+    num_processes: int | None = field(default=None, metadata={
+        "help": "null = one per visible GPU (without GPUs: the accelerate config's num_processes)"})
+    main_process_port: int | None = field(default=None, metadata={
+        "help": "port of the processes' rendezvous; null = the config's, else Accelerate's default (29500)"})
+
+
+@dataclass
 class RecipeConfig:
     output_dir: str = "runs/finetune"
     order: Any = field(default="order1", metadata={"help": "name in eval/orders.yaml or a list of task names"})
@@ -114,6 +133,7 @@ class RecipeConfig:
     data: DataArgs = field(default_factory=DataArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)
+    launch: LaunchArgs = field(default_factory=LaunchArgs)
     push_to_hub: bool = field(
         default=False, metadata={"help": "push each finished phase to the Hugging Face Hub (docs/hub.md)"}
     )
@@ -265,6 +285,7 @@ def validate(config: RecipeConfig, source: str) -> None:
         ("train.early_stopping_patience",
          config.train.early_stopping_patience is None or config.train.early_stopping_patience >= 1,
          "null or an integer >= 1"),
+        ("train.dataloader_num_workers", config.train.dataloader_num_workers >= 0, "an integer >= 0"),
         ("eval.batch_size", config.eval.batch_size >= 1, "an integer >= 1"),
         ("eval.max_new_tokens", config.eval.max_new_tokens >= 1, "an integer >= 1"),
         ("eval.num_beams", config.eval.num_beams >= 1, "an integer >= 1"),
@@ -278,6 +299,12 @@ def validate(config: RecipeConfig, source: str) -> None:
     for key in ("max_train_samples", "max_eval_samples"):
         value = getattr(config.data, key)
         checks.append((f"data.{key}", value is None or value >= 1, "null or an integer >= 1"))
+    launch = config.launch
+    checks += [
+        ("launch.num_processes", launch.num_processes is None or launch.num_processes >= 1, "null or an integer >= 1"),
+        ("launch.main_process_port", launch.main_process_port is None or 0 < launch.main_process_port < 65536,
+         "null or a port number (1-65535)"),
+    ]
     for key, ok, expected in checks:
         if not ok:
             raise ConfigError(f"{source}: '{key}' must be {expected}")
@@ -285,11 +312,23 @@ def validate(config: RecipeConfig, source: str) -> None:
         raise ConfigError(f"{source}: 'order' must be an order name from eval/orders.yaml or a non-empty list of tasks")
     if not isinstance(config.method, (str, list)):
         raise ConfigError(f"{source}: 'method' must be a method name or a list of names")
+    _validate_launch(config.launch, source)
     if config.push_to_hub and not config.hub_repo:
         raise ConfigError(f"{source}: 'hub_repo' is required when 'push_to_hub' is true (e.g. hub_repo: OWNER/NAME)")
     if config.hub_repo is not None and not _is_hub_repo(config.hub_repo):
         raise ConfigError(f"{source}: 'hub_repo' must look like OWNER/NAME (letters, digits, '.', '_', '-'), "
                           f"got {config.hub_repo!r}")
+
+
+def _validate_launch(launch: LaunchArgs, source: str) -> None:
+    if launch.config is None:
+        given = [k for k in ("num_processes", "main_process_port") if getattr(launch, k) is not None]
+        if given:
+            raise ConfigError(f"{source}: 'launch.{given[0]}' needs 'launch.config' (e.g. launch.config=ddp)")
+        return
+    from .launch import resolved_config
+
+    resolved_config(launch.config, source)  # the config exists and names a DeepSpeed JSON that does
 
 
 def _is_hub_repo(text: str) -> bool:

@@ -5,7 +5,8 @@ tests/distributed_worker.py, which runs `micl train` with probe hooks and writes
 Checked against a single-process run with the same global batch (2 processes x 2 = 4): the world size and
 distributed type in every process, each rank's disjoint half of every epoch, the same loss trajectory,
 ZeRO-3's partitioned weights, a ZeRO-3 checkpoint reloaded in one process (same logits and predictions),
-and MoInCL's teacher forward and LoRA interpolation (fp32 master copy included) under ZeRO-2 and ZeRO-3.
+MoInCL's teacher forward and LoRA interpolation (fp32 master copy included) under ZeRO-2 and ZeRO-3, and
+ZeRO-2 checkpoints without the frozen LLM that a killed run resumes from.
 
 Every sample of the first task has a one-token answer, so each rank's batch has the same number of target
 tokens: the mean of the per-rank mean losses (what DDP/DeepSpeed average) is then the single-process mean.
@@ -347,3 +348,38 @@ def test_early_stopping_takes_the_same_decision_on_every_rank(tiny_models, synth
     for report in reports(tmp_path / "report"):
         assert report["steps"]["0"]["info"]["world_size"] == 2
         assert len(report["steps"]["0"]["batches"]) == 2 * epochs  # 8 samples / (2 ranks x 2) per epoch
+
+
+def test_zero2_checkpoints_leave_the_frozen_llm_out_and_a_killed_run_resumes(reference, tiny_models, synth_root,
+                                                                             tmp_path):
+    """ZeRO-2 within-step checkpoints hold the trained weights and their optimizer state, not the frozen LLM;
+    a run killed mid-step resumes from one (here by `micl train ... launch.config=zero2`, started from another
+    directory) with the losses of an uninterrupted run."""
+    pytest.importorskip("deepspeed")
+    from transformers import AutoModelForCausalLM
+
+    args = _overrides(tiny_models, synth_root, tmp_path / "run", 2, [QA, "eval.forward_transfer=false"])
+    killed = launch("zero2.yaml", tmp_path / "killed", args, MICL_TEST_CRASH_AFTER="3")
+    assert killed.returncode != 0
+    checkpoint = tmp_path / "run" / ".checkpoints" / "step_0" / "checkpoint-3"
+    assert (checkpoint / "latest").is_file() and (checkpoint / "trainable.safetensors").is_file()
+    checkpoint_bytes = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
+    llm_bytes = sum(p.numel() * p.element_size() for p in AutoModelForCausalLM.from_pretrained(
+        tiny_models["llm"]).parameters())
+    assert checkpoint_bytes < 0.05 * llm_bytes, (checkpoint_bytes, llm_bytes)
+    # the step continues only under the launch that wrote its checkpoint: one process is refused
+    from micl.config import load_recipe
+    from micl.errors import ConfigError
+    from micl.training.loop import ContinualRun
+
+    with pytest.raises(ConfigError, match=r"2 process\(es\), DeepSpeed ZeRO-2; now 1 process\(es\), no DeepSpeed"):
+        ContinualRun(load_recipe(RECIPE, args)).run()
+
+    resumed = subprocess.run([sys.executable, "-m", "micl", "train", RECIPE, *args, "launch.config=zero2",
+                              "launch.num_processes=2", f"launch.main_process_port={_free_port()}"],
+                             cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
+    metrics = json.loads((tmp_path / "run" / f"step_0_{QA_TASK}" / "metrics.json").read_text())
+    assert metrics["resumed_from"] == "checkpoint-3" and metrics["world_size"] == 2
+    losses = [e["loss"] for e in metrics["log_history"] if "loss" in e]
+    assert losses == pytest.approx(reference["log_history"]["0"], rel=1e-5, abs=1e-5)

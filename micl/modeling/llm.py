@@ -82,15 +82,24 @@ def resolve_llm_path(name_or_path: str) -> str:
     return str(embedded_llm_dir(embedded)) if embedded else name_or_path
 
 
-def load_llm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
-    """Returns (model, tokenizer) for the embedded default, a Hub id or a local folder."""
+def load_llm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False,
+             attn_implementation: str | None = None):
+    """Returns (model, tokenizer) for the embedded default, a Hub id or a local folder; `attn_implementation`
+    (e.g. "sdpa", "flash_attention_2") None = transformers' default."""
     path = resolve_llm_path(name_or_path)
     torch_dtype = getattr(torch, dtype)
+    attention = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                     **attention)
     except OSError as err:
         raise MiclError(f"model.llm: cannot load {name_or_path!r}: {str(err).splitlines()[0]}") from err
+    except (ValueError, ImportError) as err:
+        if not attention:
+            raise
+        raise MiclError(f"model.attn_implementation: {attn_implementation!r} refused for {name_or_path!r}: "
+                        f"{str(err).strip().splitlines()[0]}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

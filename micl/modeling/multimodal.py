@@ -203,6 +203,20 @@ class MultimodalLM(nn.Module):
         base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
         return "logits_to_keep" in inspect.signature(base.forward).parameters
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
+        """`train.gradient_checkpointing` (the Trainer calls this): the LLM's decoder layers recompute their
+        activations in the backward instead of keeping them; the small projectors keep theirs."""
+        checkpoint_kwargs = activation_checkpointing_kwargs or {"use_reentrant": False}
+        base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
+        else:  # older transformers
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        """The name older Trainers call."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
     @property
     def device(self) -> torch.device:
         return next(self.llm.parameters()).device

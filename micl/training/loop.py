@@ -15,6 +15,7 @@ A finished step is a step folder with metrics.json; results.json is rebuilt from
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -46,8 +47,9 @@ from ..modeling.multimodal import MultimodalLM
 from ..modeling.prompting import PromptBuilder
 from ..utils.distributed import (barrier, deepspeed_zero_stage, gathered, init_distributed, is_main_process,
                                  launch_device, main_process_first, plain_model_loading,
-                                 training_arguments_kwargs)
+                                 training_arguments_kwargs, world_size)
 from ..utils.io import atomic_write_json
+from .checkpoint_layout import LayoutCallback, check_resumable
 from .evaluation import evaluate_task
 from .early_stopping import EarlyStopping
 from .trainer import MiclTrainer
@@ -55,6 +57,9 @@ from .trainer import MiclTrainer
 logger = logging.getLogger(__name__)
 
 RUN_IDENTITY_KEYS = ("order", "seed", "method", "method_args", "model", "lora", "data", "train")
+# how a run is computed, not what: may change when a run is resumed (e.g. checkpointing after an OOM)
+RUNTIME_KEYS = {"model": ("attn_implementation",),
+                "train": ("gradient_checkpointing", "dataloader_num_workers", "dataloader_pin_memory")}
 ZERO3_UNSUPPORTED = ("ewc", "replay")  # docs/distributed.md
 
 
@@ -70,11 +75,28 @@ def _tensorboard_available() -> bool:
     return True
 
 
+def _activation_checkpointing(enabled: bool) -> dict:
+    """`train.gradient_checkpointing` as TrainingArguments take it (transformers 5 renamed the setting)."""
+    if not enabled:
+        return {}
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
+
+
 def _checkpoint_complete(folder: Path) -> bool:
     """A process killed while the Trainer writes a checkpoint leaves it partial: resume from an older one.
     Under DeepSpeed the optimizer state is DeepSpeed's own checkpoint (`latest` names its folder)."""
     optimizer = (folder / "optimizer.pt").is_file() or (folder / "latest").is_file()
     return optimizer and all((folder / name).is_file() for name in ("trainable.safetensors", "trainer_state.json"))
+
+
+def _identity(config: dict, key: str):
+    """`config[key]` without its RUNTIME_KEYS."""
+    value = config.get(key)
+    if isinstance(value, dict) and key in RUNTIME_KEYS:
+        value = {k: v for k, v in value.items() if k not in RUNTIME_KEYS[key]}
+    return value
 
 
 def _with_defaults(stored: dict) -> dict:
@@ -111,7 +133,7 @@ class ContinualRun:
         path = self.out / "run_config.json"
         if path.is_file():
             previous = _with_defaults(json.loads(path.read_text()))
-            changed = [k for k in RUN_IDENTITY_KEYS if previous.get(k) != resolved.get(k)]
+            changed = [k for k in RUN_IDENTITY_KEYS if _identity(previous, k) != _identity(resolved, k)]
             if changed:
                 raise ConfigError(
                     f"{path}: output_dir already holds a run with different settings ({', '.join(changed)}); "
@@ -138,7 +160,7 @@ class ContinualRun:
             set_seed(self.config.seed)
             # the embedded LLM is converted and cached on first use; loaded whole (see plain_model_loading)
             with main_process_first(), plain_model_loading():
-                llm, tokenizer = load_llm(cfg.llm, cfg.dtype, cfg.trust_remote_code)
+                llm, tokenizer = load_llm(cfg.llm, cfg.dtype, cfg.trust_remote_code, cfg.attn_implementation)
             media_dims = {m: enc.output_dim for m, enc in self.encoders.items()}
             settings = {"llm": cfg.llm, "dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code,
                         "projector_hidden": cfg.projector_hidden, "system_prompt": cfg.system_prompt,
@@ -232,8 +254,9 @@ class ContinualRun:
             seed=self.config.seed + step,
             report_to=[],
             remove_unused_columns=False,
-            dataloader_num_workers=0,
-            dataloader_pin_memory=False,
+            dataloader_num_workers=train.dataloader_num_workers,
+            dataloader_pin_memory=train.dataloader_pin_memory,
+            **_activation_checkpointing(train.gradient_checkpointing),
             bf16=self.config.model.dtype == "bfloat16",
             fp16=self.config.model.dtype == "float16",
             # {} in a single process; under a launcher: process group, DeepSpeed JSON (docs/distributed.md)
@@ -262,7 +285,7 @@ class ContinualRun:
             data_collator=MultimodalCollator(self.model.tokenizer.pad_token_id),
             methods=self.methods,
             ctx=ctx,
-            callbacks=self._tensorboard(step),
+            callbacks=[LayoutCallback(), *self._tensorboard(step)],
             projector_lr=self.config.train.projector_lr,
             early_stopping=early_stopping,
         )
@@ -270,6 +293,7 @@ class ContinualRun:
                              key=lambda p: int(p.name.split("-")[1]))
         resume = str(checkpoints[-1]) if checkpoints else None
         if resume:
+            check_resumable(resume, step)  # written by the same launch (micl/training/checkpoint_layout.py)
             logger.info("resuming step %d from %s", step, resume)
         started = time.time()
         result = trainer.train(resume_from_checkpoint=resume)
@@ -459,6 +483,7 @@ class ContinualRun:
             "metrics": metrics,
             "pre_step_score": pre_step,
             **train_stats,
+            "world_size": world_size(),  # processes that trained the step
             "step_runtime_s": time.time() - started,
         }
         self._save_phase(step, task, record, predictions)

@@ -14,8 +14,10 @@ import os
 
 import torch
 from safetensors.torch import load_file, save_file
-from accelerate.utils import DistributedType
+from accelerate.utils import DeepSpeedSchedulerWrapper, DistributedType
 from transformers import Trainer, TrainerCallback
+from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+from transformers.trainer import SCHEDULER_NAME
 
 from ..methods.base import TokenSum
 from ..modeling.multimodal import model_inputs
@@ -174,3 +176,42 @@ class MiclTrainer(Trainer):
         model = model or self.model
         model = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
         model.load_trainable_state_dict(load_file(os.path.join(resume_from_checkpoint, TRAINABLE_FILE)))
+
+    # ---- DeepSpeed checkpoints without the frozen weights ---------------------------------------------
+    # The Trainer leaves frozen weights out of DeepSpeed checkpoints only for a PeftModel; MultimodalLM is
+    # not one, so under ZeRO-1/2 every within-step checkpoint would hold the whole frozen LLM. The frozen
+    # weights of a step never change within it (methods change them between steps; the run restores them
+    # from the last phase), and the trainable ones are in the checkpoint, so they are left out and the
+    # module is loaded non-strictly on resume.
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        # (transformers without `_prepare_for_training`, the non-strict load below, keep the frozen weights)
+        if not (self.is_deepspeed_enabled and hasattr(Trainer, "_prepare_for_training")):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        engine = self.model_wrapped
+        # DeepSpeed finds the frozen weights by `named_parameters()`, which names a tied weight once: the
+        # other name (e.g. a tied `lm_head.weight`, the size of the embeddings) would still be written
+        frozen = [n for n, p in engine.module.named_parameters(remove_duplicate=False) if not p.requires_grad]
+
+        def drop_frozen(module, state_dict, prefix, local_metadata):
+            for name in frozen:
+                state_dict.pop(prefix + name, None)
+
+        register = getattr(engine.module, "register_state_dict_post_hook", None) or \
+            engine.module._register_state_dict_hook  # (torch < 2.5)
+        hook = register(drop_frozen)
+        try:
+            engine.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        finally:
+            hook.remove()
+        if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        if not (self.is_deepspeed_enabled and resume_from_checkpoint):
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        deepspeed_load_checkpoint(self.model_wrapped, resume_from_checkpoint, load_module_strict=False)
+        self._load_optimizer_and_scheduler(resume_from_checkpoint)
+        self._load_scaler(resume_from_checkpoint)
+        return model, train_dataloader
