@@ -14,6 +14,7 @@ tokens: the mean of the per-rank mean losses (what DDP/DeepSpeed average) is the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -76,9 +77,16 @@ def launch(config: str, prefix: Path, overrides: list[str], timeout: int = 240, 
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        for pid in _workers(process.pid):  # their stacks (faulthandler in the worker), then kill all
-            os.kill(pid, signal.SIGUSR1)
+        # the workers may have left the launcher's process group (torchrun's elastic agent): found by the
+        # report prefix in their command line; their stacks first (faulthandler in the worker), then kill all
+        workers = _workers(str(prefix))
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
         time.sleep(3)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
         stderr += f"\n[test] killed after {timeout} s"
@@ -87,15 +95,15 @@ def launch(config: str, prefix: Path, overrides: list[str], timeout: int = 240, 
     return done
 
 
-def _workers(group: int) -> list[int]:
+def _workers(prefix: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and os.getpgid(int(entry.name)) == group and \
-                    b"distributed_worker" in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except (OSError, ProcessLookupError):
+            command = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
+        except OSError:
             continue
+        if b"distributed_worker" in command and prefix.encode() in command:
+            pids.append(int(entry.name))
     return pids
 
 

@@ -14,6 +14,7 @@ optimizer steps shows up as a different update.
 from __future__ import annotations
 
 import json
+import os
 import math
 
 import pytest
@@ -33,7 +34,8 @@ CAPTION = ["order=[synth_image_caption]", "data.max_train_samples=16", "train.ep
 # step 0 image QA, step 1 image captioning with pseudo QA targets, LwF distillation and replay of step 0
 AUX = ["order=[synth_image_qa,synth_image_caption]", "method=[moincl,lwf,replay]", "data.max_train_samples=8",
        "train.epochs=1", "train.warmup_ratio=0", "method_args.moincl.pseudo_num=1",
-       "method_args.moincl.instruction_k=2", "method_args.replay.replay_batch_size=2",
+       # no instructions: a rank without pseudo rows runs no MoInCL forward at all (fewer auxiliary passes)
+       "method_args.moincl.instruction_k=0", "method_args.replay.replay_batch_size=2",
        "method_args.replay.buffer_size=4"]
 
 
@@ -52,7 +54,7 @@ def _single(tiny_models, synth_root, folder, batch_size, accum, extra) -> dict:
 
 def _launched(config, tiny_models, synth_root, folder, extra, **env) -> dict:
     done = launch(config, folder / "report", _overrides(tiny_models, synth_root, folder / "run", 4, 1, extra),
-                  timeout=300, **env)
+                  timeout=int(os.environ.get("MICL_TEST_LAUNCH_TIMEOUT", "300")), **env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     both = reports(folder / "report")
     return {"report": both[0], "reports": both, "out": folder / "run"}
@@ -134,11 +136,11 @@ def test_ddp_auxiliary_losses_with_different_counts_per_rank(tiny_models, synth_
         patch.setenv("MICL_TEST_PSEUDO_KEEP", "first")
         single = _single(tiny_models, synth_root, tmp_path / "single", 4, 2, AUX)
     ddp = _launched("ddp.yaml", tiny_models, synth_root, tmp_path / "ddp", AUX, **keep)
-    # the pseudo row was in one micro-batch of the step, i.e. on one rank; both ranks distilled instructions
+    # the pseudo row was in one micro-batch of the step, i.e. on one rank: that rank runs two auxiliary
+    # forwards (MoInCL's, replay's), the other one
     assert sorted(single["report"]["steps"]["1"]["pseudo_rows"]) == [0, 1]
     assert sorted(r["steps"]["1"]["pseudo_rows"][0] for r in ddp["reports"]) == [0, 1]
-    assert all(r["steps"]["1"]["instruction_rows"] == [2] for r in ddp["reports"])
-    assert all(r["steps"]["1"]["extra_inputs"] == [["moincl", "replay"]] for r in ddp["reports"])
+    assert sorted(r["steps"]["1"]["extra_inputs"][0] for r in ddp["reports"]) == [["moincl", "replay"], ["replay"]]
     assert single["report"]["log_history"]["1"] == pytest.approx(ddp["report"]["log_history"]["1"], rel=1e-5)
     assert _relative(_gradient(ddp, 1), _gradient(single, 1)) < 1e-5
     assert math.isfinite(ddp["report"]["log_history"]["1"][0])
