@@ -1,4 +1,4 @@
-"""A task's samples + cached media features, rendered into token sequences on the fly.
+"""A task's samples + their stored media features, rendered into token sequences on the fly.
 
 Training draws a random instruction template per sample and epoch (seeded by run seed, epoch and
 index, so a resumed run renders the same prompts); evaluation uses the one fixed prompt.
@@ -15,7 +15,9 @@ from .prompts import render_instruction
 
 
 class EncodedTaskDataset(Dataset):
-    """`features[i]`: {stream modality: features [tokens, dim]} of sample i ({} for text-only samples)."""
+    """`features[i]`: {stream modality: features [tokens, dim]} of sample i ({} for text-only samples): a list,
+    or the lazy `micl.modeling.feature_store.SampleFeatures` (read from the feature store on access, so a
+    split's features are never all in memory; safe in forked DataLoader workers)."""
 
     def __init__(self, samples, features, builder, templates, train: bool, seed: int = 0):
         if len(samples) != len(features):

@@ -41,12 +41,12 @@ from ..evaluation.report import write_report
 from ..methods import StepContext, build_methods
 from ..modeling.encoders.registry import build_encoders
 from ..adapters import build_peft_config
-from ..modeling.feature_cache import FeatureCache
+from ..modeling.feature_store import STORE_DTYPES, FeatureStores, SampleFeatures
 from ..modeling.llm import cache_root, load_llm
 from ..modeling.multimodal import MultimodalLM
 from ..modeling.prompting import PromptBuilder
-from ..utils.distributed import (barrier, deepspeed_zero_stage, gathered, init_distributed, is_main_process,
-                                 is_partitioned, main_process_first, plain_model_loading,
+from ..utils.distributed import (barrier, compute_device, deepspeed_zero_stage, gathered, init_distributed,
+                                 is_main_process, is_partitioned, main_process_first, plain_model_loading,
                                  training_arguments_kwargs)
 from ..utils.io import atomic_write_json
 from .evaluation import evaluate_task, generate_predictions
@@ -99,9 +99,10 @@ class ContinualRun:
         self.data_root = Path(config.data.root)
         self._model = None
         self._encoders = None
-        self.feature_cache = FeatureCache(cache_root() / "features")
+        self.feature_stores = FeatureStores(cache_root() / "feature_store")
         self.templates = load_templates(config.data.templates)
         self._datasets: dict[tuple[str, str], EncodedTaskDataset] = {}
+        self._stored: set[tuple[str, str]] = set()  # splits whose stores are complete here (reopened alone)
         self.push_error: MiclError | None = None  # last failed push_to_hub (the next push completes it)
         self._trainer: MiclTrainer | None = None  # the last step's, under DeepSpeed (its engine serves evaluation)
 
@@ -154,8 +155,13 @@ class ContinualRun:
 
     @property
     def encoders(self):
+        """On this process's device; in the model dtype on an accelerator (float32 compute on the CPU)."""
         if self._encoders is None:
             self._encoders = build_encoders(self.config.model)
+            device = compute_device()
+            dtype = STORE_DTYPES[self.config.model.dtype] if device.type != "cpu" else torch.float32
+            for encoder in self._encoders.values():
+                encoder.place(device, dtype)
         return self._encoders
 
     def dataset(self, task, split: str) -> EncodedTaskDataset:
@@ -164,19 +170,29 @@ class ContinualRun:
             data = self.config.data
             limit = data.max_train_samples if split == "train" else data.max_eval_samples
             samples = load_task_split(self.data_root, task.name, split, limit)
-            features = [{} for _ in samples]
             media = [dict(media_streams(s)) for s in samples]
+            store_dtype = STORE_DTYPES[self.config.model.feature_dtype or self.config.model.dtype]
+            streams = {}
             for stream in STREAMS[task.modality]:  # a video with its sound: the video, then its audio
                 paths = [str(self.data_root / m[stream]) for m in media]
-                # encoded once, the other ranks read the cache; an encoder loads (whole) on first use
-                with main_process_first(), plain_model_loading():
-                    encoded = self.feature_cache.features(self.encoders[stream], paths,
-                                                          desc=f"encoding {task.name}/{split} ({stream})")
-                for sample_features, tensor in zip(features, encoded):
-                    sample_features[stream] = tensor
-            self._datasets[key] = EncodedTaskDataset(samples, features, self.builder, self.templates,
-                                                     train=split == "train", seed=self.config.seed)
+                # the first opening is collective (the processes of a machine encode their shares of a missing
+                # store); a reopened split (released after its step) is read alone. An encoder loads (whole)
+                # on first use.
+                with plain_model_loading():
+                    streams[stream] = self.feature_stores.features(
+                        self.encoders[stream], paths, store_dtype, desc=f"encoding {task.name}/{split} ({stream})",
+                        shared=key not in self._stored)
+            self._stored.add(key)
+            self._datasets[key] = EncodedTaskDataset(samples, SampleFeatures(streams, len(samples)), self.builder,
+                                                     self.templates, train=split == "train", seed=self.config.seed)
         return self._datasets[key]
+
+    def release_datasets(self, task) -> None:
+        """Drops a finished task's training (and validation) data: its features stay on disk, and a method
+        that keeps a memory of it (replay) reopens it through `dataset_fn` without encoding anything."""
+        for split in ("train", "val"):
+            if split != self.config.data.eval_split:  # the evaluation split is scored after every later step
+                self._datasets.pop((task.name, split), None)
 
     # ---- steps --------------------------------------------------------------------------------------
     def finished_steps(self) -> list[dict]:
@@ -458,6 +474,7 @@ class ContinualRun:
             "step_runtime_s": time.time() - started,
         }
         self._save_phase(step, task, record, predictions)
+        self.release_datasets(task)
         if is_main_process():
             shutil.rmtree(self.out / ".checkpoints" / f"step_{step}", ignore_errors=True)
         results = self.write_results()

@@ -8,7 +8,8 @@ more: the Trainer and Accelerate do the distributed training itself.
   already configured state, the DeepSpeed JSON of an `accelerate launch --config_file <deepspeed config>`,
   `use_cpu` + gloo for CPU DDP.
 - `is_main_process()`, `barrier()`, `main_process_first()`: work done once (files written by the main
-  process) with the other ranks waiting.
+  process) with the other ranks waiting; `local_rank()`, `local_world_size()`, `compute_device()`: work
+  shared by the processes of one machine (the feature store's encoding, micl/modeling/feature_store.py).
 - `gathered(params)`: DeepSpeed ZeRO-3 partitions every parameter (a rank holds a flat shard; the
   parameter itself has shape 0 outside a forward). Reading or changing one outside a forward is a
   collective: every rank must enter the same `gathered(...)`. Without ZeRO-3 it does nothing.
@@ -162,6 +163,41 @@ def is_main_process(local: bool = False) -> bool:
 def world_size() -> int:
     state = _state()
     return 1 if state is None else state.num_processes
+
+
+def local_rank() -> int:
+    """This process's position among the processes of its machine (0 in a single process)."""
+    state = _state()
+    return 0 if state is None else state.local_process_index
+
+
+def local_world_size() -> int:
+    """How many processes of the launch run on this machine (1 in a single process)."""
+    if _state() is None:
+        return 1
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+
+
+def compute_device() -> torch.device:
+    """The device this process computes on: the launcher's (Accelerate's) device, else the first GPU, else
+    the CPU (also when the launch asks for the CPU)."""
+    state = _state()
+    if state is not None:
+        return state.device
+    if use_cpu():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def all_processes_agree(flag: bool) -> bool:
+    """True when `flag` is true on every process (a collective; the flag itself in a single process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    backend = torch.distributed.get_backend()
+    device = compute_device() if backend == "nccl" else torch.device("cpu")
+    value = torch.tensor([1 if flag else 0], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def barrier() -> None:
