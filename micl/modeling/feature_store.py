@@ -78,6 +78,8 @@ class FeatureStore:
     """A complete store opened for reading: `store[i]` -> features [tokens, dim] of item i (a new tensor)."""
 
     def __init__(self, folder: str | Path):
+        self._fd: int | None = None
+        self._pid: int | None = None
         self.folder = Path(folder)
         meta = _meta(self.folder)
         if meta is None:
@@ -88,8 +90,6 @@ class FeatureStore:
         self.dtype = STORE_DTYPES[meta["dtype"]]
         self.item_bytes = meta["item_bytes"]
         self.meta = meta
-        self._fd: int | None = None
-        self._pid: int | None = None
 
     def __len__(self) -> int:
         return self.items

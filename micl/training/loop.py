@@ -187,12 +187,13 @@ class ContinualRun:
                                                      self.templates, train=split == "train", seed=self.config.seed)
         return self._datasets[key]
 
-    def release_datasets(self, task) -> None:
-        """Drops a finished task's training (and validation) data: its features stay on disk, and a method
-        that keeps a memory of it (replay) reopens it through `dataset_fn` without encoding anything."""
-        for split in ("train", "val"):
-            if split != self.config.data.eval_split:  # the evaluation split is scored after every later step
-                self._datasets.pop((task.name, split), None)
+    def release_datasets(self) -> None:
+        """After a step: drops the training and validation data of the tasks learned so far (this step's, and
+        past tasks' reopened by replay). Their features stay on disk: a method that keeps a memory of a task
+        reopens it through `dataset_fn` without encoding anything. The evaluation split stays (it is scored
+        after every later step)."""
+        for key in [k for k in self._datasets if k[1] in ("train", "val") and k[1] != self.config.data.eval_split]:
+            del self._datasets[key]
 
     # ---- steps --------------------------------------------------------------------------------------
     def finished_steps(self) -> list[dict]:
@@ -474,7 +475,7 @@ class ContinualRun:
             "step_runtime_s": time.time() - started,
         }
         self._save_phase(step, task, record, predictions)
-        self.release_datasets(task)
+        self.release_datasets()
         if is_main_process():
             shutil.rmtree(self.out / ".checkpoints" / f"step_{step}", ignore_errors=True)
         results = self.write_results()
