@@ -189,7 +189,7 @@ def test_a_run_releases_finished_tasks_and_reopens_them_without_encoding(tiny_mo
     run = ContinualRun(load_recipe(REPO / "recipes" / "finetune.yaml", overrides))
     requested = []
     opened = run.dataset
-    run.dataset = lambda task, split: requested.append((task.name, split)) or opened(task, split)
+    run.dataset = lambda task, split, **kw: requested.append((task.name, split)) or opened(task, split, **kw)
     run.run()
     assert all(split == "test" for _, split in run._datasets)  # training data released after each step
     step_1 = requested.index(("synth_image_qa", "train"))

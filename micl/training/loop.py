@@ -164,7 +164,10 @@ class ContinualRun:
                 encoder.place(device, dtype)
         return self._encoders
 
-    def dataset(self, task, split: str) -> EncodedTaskDataset:
+    def dataset(self, task, split: str, shared: bool | None = None) -> EncodedTaskDataset:
+        """A split's samples and features. `shared`: every process opens it at this point together, so a
+        missing feature store is encoded by all of them (default: the first time this process opens the split;
+        a split reopened after its release is read alone)."""
         key = (task.name, split)
         if key not in self._datasets:
             data = self.config.data
@@ -175,17 +178,20 @@ class ContinualRun:
             streams = {}
             for stream in STREAMS[task.modality]:  # a video with its sound: the video, then its audio
                 paths = [str(self.data_root / m[stream]) for m in media]
-                # the first opening is collective (the processes of a machine encode their shares of a missing
-                # store); a reopened split (released after its step) is read alone. An encoder loads (whole)
-                # on first use.
-                with plain_model_loading():
+                with plain_model_loading():  # an encoder loads (whole) on first use
                     streams[stream] = self.feature_stores.features(
                         self.encoders[stream], paths, store_dtype, desc=f"encoding {task.name}/{split} ({stream})",
-                        shared=key not in self._stored)
+                        shared=key not in self._stored if shared is None else shared)
             self._stored.add(key)
             self._datasets[key] = EncodedTaskDataset(samples, SampleFeatures(streams, len(samples)), self.builder,
                                                      self.templates, train=split == "train", seed=self.config.seed)
         return self._datasets[key]
+
+    def method_dataset(self, task, split: str) -> EncodedTaskDataset:
+        """`ctx.dataset_fn`: methods open past tasks' splits on their own schedule (a replay draw is per
+        process), so without collectives: a store missing there (a run resumed on another machine) is built by
+        the process alone, under the store's lock."""
+        return self.dataset(task, split, shared=False)
 
     def release_datasets(self) -> None:
         """After a step: drops the training and validation data of the tasks learned so far (this step's, and
@@ -454,7 +460,8 @@ class ContinualRun:
         ctx = StepContext(step=step, task=task, seen_tasks=self.tasks[:step], model=self.model,
                           train_dataset=self.dataset(task, "train"), run_dir=str(self.out), seed=self.config.seed,
                           batch_size=self.config.train.batch_size,
-                          dataset_fn=self.dataset, collate_fn=MultimodalCollator(self.model.tokenizer.pad_token_id))
+                          dataset_fn=self.method_dataset,
+                          collate_fn=MultimodalCollator(self.model.tokenizer.pad_token_id))
         for method in self.methods:
             method.on_task_start(ctx)
         train_stats = self._train_step(step, task, ctx)

@@ -231,10 +231,10 @@ def plain_model_loading():
     """Models loaded inside the block are built whole, even while a ZeRO-3 Trainer exists.
 
     The Trainer registers its DeepSpeed config globally, and transformers' `from_pretrained` then builds
-    every model partitioned (`deepspeed.zero.Init`). micl loads frozen encoders lazily, on the first media
-    item that is not in the feature cache, and only the main process encodes: a partitioned encoder would
-    wait in its first forward for ranks that wait at the barrier (seen here: a hang at the first audio
-    task after a ZeRO-3 step). The LLM is partitioned by the DeepSpeed engine when training starts."""
+    every model partitioned (`deepspeed.zero.Init`). micl loads frozen encoders lazily, on the first feature
+    store that is missing (each process of a machine encodes its share of it): a partitioned encoder would
+    wait in its first forward for ranks that have nothing to encode or wait at a barrier (seen here: a hang
+    at the first audio task after a ZeRO-3 step). The LLM is partitioned by the DeepSpeed engine when training starts."""
     try:
         from transformers.integrations import deepspeed as hf_deepspeed
     except ImportError:
