@@ -17,6 +17,8 @@ import yaml
 
 from .errors import ConfigError
 
+FEATURE_DTYPES = ("float32", "bfloat16", "float16")
+
 
 @dataclass
 class ModelArgs:
@@ -35,6 +37,9 @@ class ModelArgs:
         "help": "the LLM's attention: eager, sdpa, flash_attention_2 (needs flash-attn), ...; null = transformers' "
                 "default"})
     trust_remote_code: bool = False
+    feature_dtype: str | None = field(default=None, metadata={
+        "help": "dtype of the stored media features (float32, bfloat16, float16); null = model.dtype"})
+    encoder_batch_size: int = field(default=64, metadata={"help": "media items per encoder forward"})
 
 
 @dataclass
@@ -295,6 +300,9 @@ def validate(config: RecipeConfig, source: str) -> None:
         ("model.video_tokens_per_frame", _is_square(config.model.video_tokens_per_frame), "a square number"),
         ("model.audio_tokens", config.model.audio_tokens >= 1, "an integer >= 1"),
         ("model.video_frames", config.model.video_frames >= 1, "an integer >= 1"),
+        ("model.feature_dtype", config.model.feature_dtype in (None, *FEATURE_DTYPES),
+         f"null or one of {', '.join(FEATURE_DTYPES)}"),
+        ("model.encoder_batch_size", config.model.encoder_batch_size >= 1, "an integer >= 1"),
     ]
     for key in ("max_train_samples", "max_eval_samples"):
         value = getattr(config.data, key)

@@ -4,7 +4,7 @@ Ratios are measured side by side in one process (absolute times on shared machin
   train_throughput   micl training tokens/s; MFU against a float32 matmul measured here
   step_vs_peft       micl step (projectors + media scatter + LoRA LLM) / plain PEFT LoRA step, same tokens
   generation         batched generation (KV cache) vs one prompt at a time
-  feature_cache      encoder time on the second epoch (cached) / first epoch
+  feature_cache      encoder time on the second epoch (feature store) / first epoch
   methods            MoInCL training step / sequential fine-tuning step on the same batch, and peak RSS
                      (one process each; the teacher is a second adapter, not a second model)
   sharded_eval       evaluation in 2 processes x 1 thread vs 1 x 1, each process generating every other batch
@@ -14,8 +14,13 @@ Ratios are measured side by side in one process (absolute times on shared machin
                      of one adapted q_proj, same batch (only with --moe)
   e2e_quick, e2e_default   wall time of `micl train recipes/quick.yaml` / `recipes/finetune.yaml`
                      (only with --e2e; subprocesses, fresh output folders)
+  memory             peak RSS and training samples/s of a one-task run (encoding + one epoch + evaluation)
+                     at 1k, 4k and 16k rows of 256 x 1024-d features, 5 rows per media item (Flickr30k's
+                     layout), synthetic encoder, tiny Llama: one subprocess per size (only with --memory,
+                     which runs nothing else; docs/feature_store.md)
 
     python scripts/bench.py [--e2e] [--moe] [--out bench_results.json]
+    python scripts/bench.py --memory [--rows 1000 4000 16000] [--out bench_memory.json]
 """
 
 from __future__ import annotations
@@ -176,7 +181,7 @@ def bench_feature_cache(n=16) -> dict:
     from micl.config import ModelArgs
     from micl.data.synth import generate_synth
     from micl.modeling.encoders.registry import build_encoders
-    from micl.modeling.feature_cache import FeatureCache
+    from micl.modeling.feature_store import FeatureStores
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "synth"
@@ -186,11 +191,163 @@ def bench_feature_cache(n=16) -> dict:
         for task, modality in (("synth_image_caption", "image"), ("synth_audio_qa", "audio")):
             paths = sorted(str(p) for p in (root / "media" / task / "train").iterdir())
             encoders[modality].encode([encoders[modality].load(paths[0])])  # load weights outside the timing
-            cache = FeatureCache(Path(tmp) / "cache")
-            first = timed(lambda: cache.features(encoders[modality], paths), 1)[0]
-            second = timed(lambda: cache.features(encoders[modality], paths), 1)[0]
+            stores = FeatureStores(Path(tmp) / "cache")
+
+            def epoch():
+                features = stores.features(encoders[modality], paths)
+                return [features[i] for i in range(len(features))]
+
+            first = timed(epoch, 1)[0]
+            second = timed(epoch, 1)[0]
             rows[modality] = {"items": len(paths), "epoch1_s": first, "epoch2_s": second, "ratio": second / first}
         return rows
+
+
+MEMORY_TOKENS, MEMORY_DIM, ROWS_PER_ITEM = 256, 1024, 5
+
+
+def write_caption_task(root: Path, task: str, split: str, rows: int, per_item: int) -> None:
+    """`rows` caption rows over rows / per_item distinct media files (small distinct files: the synthetic encoder
+    draws features from their bytes)."""
+    media = root / "media" / task / split
+    media.mkdir(parents=True, exist_ok=True)
+    with open(root / task / f"{split}.jsonl", "w") as handle:
+        for row in range(rows):
+            item = row // per_item
+            path = media / f"{item:06d}.bin"
+            if row % per_item == 0:
+                path.write_bytes(f"{split}:{item}".encode() * 8)
+            caption = f"picture {item} caption {row % per_item}"
+            handle.write(json.dumps({"id": f"{split}-{row}", "task": task, "modality": "image", "task_type": "caption",
+                                     "media": str(path.relative_to(root)), "instruction": "", "target": caption,
+                                     "references": [caption]}) + "\n")
+
+
+def tiny_word_tokenizer():
+    """A word-level tokenizer of a few dozen tokens (digits one by one, no chat template): with the 49k-token
+    vocabulary of the embedded LLM the logits of every position would dominate a tiny Llama's step."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<pad>", "<s>", "</s>", *"0123456789", *":.,?!", "User", "Assistant", "image", "picture",
+             "caption", "describe", "the", "a", "an", "of", "this", "in", "one", "sentence", "briefly", "what", "is"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                                       pre_tokenizers.Digits(individual_digits=True)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>",
+                                   bos_token="<s>", eos_token="</s>")
+
+
+def batch_clock():
+    """A method whose only hook times the training batches: samples/s of the epoch after its first 10% of
+    batches (the Trainer's setup and warm-up are a fixed cost that would favour the larger sizes)."""
+    from micl.methods.base import ContinualMethod
+
+    class BatchClock(ContinualMethod):
+        name = "batch_clock"
+
+        def __init__(self):
+            super().__init__()
+            self.times: list[float] = []
+            self.sizes: list[int] = []
+
+        def augment_batch(self, batch, ctx):
+            self.times.append(time.perf_counter())
+            self.sizes.append(len(batch["input_ids"]))
+            return batch
+
+        def steady_samples_per_s(self) -> float:
+            start = len(self.times) // 10
+            return sum(self.sizes[start:-1]) / (self.times[-1] - self.times[start])
+
+    return BatchClock()
+
+
+def memory_child(rows: int, feature_dtype: str = "float32") -> dict:
+    """One process: a one-task `ContinualRun` (flickr30k's layout: `rows` training rows, 5 per media item, 256 x
+    1024-d synthetic features, a 2-layer Llama of width 64 with a word-level vocabulary), from a cold feature store: encoding, one epoch, the
+    evaluation of rows / 16 test samples. Peak RSS is this process's ru_maxrss."""
+    import resource
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from micl.config import load_recipe
+    from micl.modeling.encoders.synthetic import SyntheticEncoder
+
+    tmp = Path(tempfile.mkdtemp(prefix="micl-memory-"))
+    os.environ["MICL_CACHE_DIR"] = str(tmp / "cache")  # a cold feature store
+    tokenizer = tiny_word_tokenizer()
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True))
+    llm.save_pretrained(tmp / "llm")
+    tokenizer.save_pretrained(tmp / "llm")
+    del llm
+    task, data = "flickr30k", tmp / "data"
+    (data / task).mkdir(parents=True)
+    write_caption_task(data, task, "train", rows, ROWS_PER_ITEM)
+    write_caption_task(data, task, "test", max(1, rows // 16), 1)
+    config = load_recipe(REPO / "recipes" / "finetune.yaml", [
+        f"output_dir={tmp / 'run'}", f"data.root={data}", f"order=[{task}]", f"model.llm={tmp / 'llm'}",
+        f"model.feature_dtype={feature_dtype}", "data.max_train_samples=null", "data.max_eval_samples=null",
+        "train.epochs=1", "train.batch_size=8", "train.save_steps=1000000",
+        "train.logging_steps=1000000", "train.tensorboard=false", "eval.forward_transfer=false",
+        "eval.batch_size=16", "eval.max_new_tokens=2"])
+
+    from micl.training.loop import ContinualRun
+
+    run = ContinualRun(config)
+    clock = batch_clock()
+    run.methods.append(clock)
+    encoder = SyntheticEncoder("image", tokens=MEMORY_TOKENS, dim=MEMORY_DIM)
+    encoder.batch_size = config.model.encoder_batch_size
+    run._encoders = {"image": encoder}
+    run.model  # noqa: B018 (the LLM and projector, before any feature exists)
+    before_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    started = time.perf_counter()
+    trained = len(run.dataset(run.tasks[0], "train"))
+    encode_s = time.perf_counter() - started
+    results = run.run()
+    step = results["steps"][0]
+    store = next((tmp / "cache" / "feature_store").iterdir())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    stored = (store / "features.bin").stat().st_size
+    subprocess.run(["rm", "-rf", str(tmp)], check=True)
+    assert trained == rows, f"{trained} training rows, expected {rows}"
+    assert sum(clock.sizes) == rows, f"{sum(clock.sizes)} samples trained, expected {rows}"
+    return {"rows": rows, "items": run.feature_stores.encoded, "feature_dtype": feature_dtype,
+            "peak_rss_mb": peak / 2**20, "rss_before_data_mb": before_data / 2**20, "encode_s": encode_s,
+            "train_s": step["train_runtime_s"], "samples_per_s": clock.steady_samples_per_s(),
+            "samples_per_s_with_setup": rows / step["train_runtime_s"],
+            "store_mb": stored / 2**20,
+            "old_features_mb": rows * MEMORY_TOKENS * MEMORY_DIM * 4 / 2**20}  # a float32 tensor per row, in RAM
+
+
+def bench_memory(sizes=(1000, 4000, 16000), threads: int = 2, feature_dtype: str = "float32") -> dict:
+    """`memory_child` in a fresh subprocess per size; growth of peak RSS and samples/s from the smallest size."""
+    rows = []
+    for size in sizes:
+        out = subprocess.run([sys.executable, __file__, "--memory-child", str(size), "--threads", str(threads),
+                              "--feature-dtype", feature_dtype], check=True, capture_output=True, text=True,
+                             cwd=REPO).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    first = rows[0]
+    for row in rows:
+        row["rss_vs_smallest"] = row["peak_rss_mb"] / first["peak_rss_mb"]
+        row["samples_per_s_vs_smallest"] = row["samples_per_s"] / first["samples_per_s"]
+    return {"rows": rows, "tokens": MEMORY_TOKENS, "dim": MEMORY_DIM, "rows_per_item": ROWS_PER_ITEM,
+            "threads": threads, "torch": torch.__version__}
+
+
+def print_memory(results: dict) -> None:
+    print("\n| rows | media items | peak RSS (MiB) | RSS / 1k | samples/s | samples/s / 1k | encode s | store (MiB) "
+          "| old: features in RAM (MiB) |\n|---|---|---|---|---|---|---|---|---|")
+    for r in results["rows"]:
+        print(f"| {r['rows']} | {r['items']} | {r['peak_rss_mb']:.0f} | {r['rss_vs_smallest']:.3f} | "
+              f"{r['samples_per_s']:.1f} | {r['samples_per_s_vs_smallest']:.3f} | {r['encode_s']:.1f} | "
+              f"{r['store_mb']:.0f} | {r['old_features_mb']:.0f} |")
 
 
 def method_step_child(method_name: str, steps: int = 6) -> dict:
@@ -401,8 +558,14 @@ def main() -> None:
     parser.add_argument("--out", default="bench_results.json")
     parser.add_argument("--eval-shard", action="store_true",
                         help="also time evaluation in 2 processes x 1 thread vs 1 x 1 (~2 min)")
+    parser.add_argument("--memory", action="store_true",
+                        help="only the feature-store memory benchmark (peak RSS vs rows; minutes)")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1000, 4000, 16000], help="--memory: sizes")
+    parser.add_argument("--feature-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="--memory: model.feature_dtype")
     parser.add_argument("--method-step", help=argparse.SUPPRESS)  # child process of bench_methods
     parser.add_argument("--eval-child", help=argparse.SUPPRESS)  # child process of bench_sharded_eval
+    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)  # child process of bench_memory
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.method_step:
@@ -412,6 +575,15 @@ def main() -> None:
         result = eval_child(*map(int, args.eval_child.split(",")))
         if result["main"]:
             Path(args.out).write_text(json.dumps(result))
+        return
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, args.feature_dtype)))
+        return
+    if args.memory:
+        memory = bench_memory(args.rows, args.threads, args.feature_dtype)
+        print_memory(memory)
+        Path(args.out).write_text(json.dumps({"memory": memory}, indent=2))
+        print(f"\nJSON: {args.out}")
         return
 
     results = {"threads": args.threads, "torch": torch.__version__}

@@ -1,7 +1,7 @@
 """MultimodalLM: any causal LM (LoRA through PEFT) + one trainable projector per modality.
 
 Frozen encoders are not part of this module: their features are computed once and cached on disk
-(`micl/modeling/feature_cache.py`), so training and generation only see pooled feature tensors. This
+(`micl/modeling/feature_store.py`), so training and generation only see pooled feature tensors. This
 keeps the trained module = LLM + adapters + projectors, which is what DeepSpeed/Accelerate wrap later.
 
 Saved layout (one folder per phase):

@@ -41,7 +41,7 @@ from ..evaluation.report import write_report
 from ..methods import StepContext, build_methods
 from ..modeling.encoders.registry import build_encoders
 from ..adapters import build_peft_config
-from ..modeling.feature_cache import FeatureCache
+from ..modeling.feature_store import STORE_DTYPES, FeatureStores, SampleFeatures
 from ..modeling.llm import cache_root, load_llm
 from ..modeling.multimodal import MultimodalLM
 from ..modeling.prompting import PromptBuilder
@@ -120,9 +120,10 @@ class ContinualRun:
         self.data_root = Path(config.data.root)
         self._model = None
         self._encoders = None
-        self.feature_cache = FeatureCache(cache_root() / "features")
+        self.feature_stores = FeatureStores(cache_root() / "feature_store")
         self.templates = load_templates(config.data.templates)
         self._datasets: dict[tuple[str, str], EncodedTaskDataset] = {}
+        self._stored: set[tuple[str, str]] = set()  # splits whose stores are complete here (reopened alone)
         self.push_error: MiclError | None = None  # last failed push_to_hub (the next push completes it)
         self._trainer: MiclTrainer | None = None  # the last step's, under DeepSpeed (its engine serves evaluation)
 
@@ -176,29 +177,51 @@ class ContinualRun:
 
     @property
     def encoders(self):
+        """On this process's device; in the model dtype on an accelerator (float32 compute on the CPU)."""
         if self._encoders is None:
             self._encoders = build_encoders(self.config.model)
+            device = launch_device()
+            dtype = STORE_DTYPES[self.config.model.dtype] if device.type != "cpu" else torch.float32
+            for encoder in self._encoders.values():
+                encoder.place(device, dtype)
         return self._encoders
 
-    def dataset(self, task, split: str) -> EncodedTaskDataset:
+    def dataset(self, task, split: str, shared: bool | None = None) -> EncodedTaskDataset:
+        """A split's samples and features. `shared`: every process opens it at this point together, so a
+        missing feature store is encoded by all of them (default: the first time this process opens the split;
+        a split reopened after its release is read alone)."""
         key = (task.name, split)
         if key not in self._datasets:
             data = self.config.data
             limit = data.max_train_samples if split == "train" else data.max_eval_samples
             samples = load_task_split(self.data_root, task.name, split, limit)
-            features = [{} for _ in samples]
             media = [dict(media_streams(s)) for s in samples]
+            store_dtype = STORE_DTYPES[self.config.model.feature_dtype or self.config.model.dtype]
+            streams = {}
             for stream in STREAMS[task.modality]:  # a video with its sound: the video, then its audio
                 paths = [str(self.data_root / m[stream]) for m in media]
-                # encoded once, the other ranks read the cache; an encoder loads (whole) on first use
-                with main_process_first(), plain_model_loading():
-                    encoded = self.feature_cache.features(self.encoders[stream], paths,
-                                                          desc=f"encoding {task.name}/{split} ({stream})")
-                for sample_features, tensor in zip(features, encoded):
-                    sample_features[stream] = tensor
-            self._datasets[key] = EncodedTaskDataset(samples, features, self.builder, self.templates,
-                                                     train=split == "train", seed=self.config.seed)
+                with plain_model_loading():  # an encoder loads (whole) on first use
+                    streams[stream] = self.feature_stores.features(
+                        self.encoders[stream], paths, store_dtype, desc=f"encoding {task.name}/{split} ({stream})",
+                        shared=key not in self._stored if shared is None else shared)
+            self._stored.add(key)
+            self._datasets[key] = EncodedTaskDataset(samples, SampleFeatures(streams, len(samples)), self.builder,
+                                                     self.templates, train=split == "train", seed=self.config.seed)
         return self._datasets[key]
+
+    def method_dataset(self, task, split: str) -> EncodedTaskDataset:
+        """`ctx.dataset_fn`: methods open past tasks' splits on their own schedule (a replay draw is per
+        process), so without collectives: a store missing there (a run resumed on another machine) is built by
+        the process alone, under the store's lock."""
+        return self.dataset(task, split, shared=False)
+
+    def release_datasets(self) -> None:
+        """After a step: drops the training and validation data of the tasks learned so far (this step's, and
+        past tasks' reopened by replay). Their features stay on disk: a method that keeps a memory of a task
+        reopens it through `dataset_fn` without encoding anything. The evaluation split stays (it is scored
+        after every later step)."""
+        for key in [k for k in self._datasets if k[1] in ("train", "val") and k[1] != self.config.data.eval_split]:
+            del self._datasets[key]
 
     # ---- steps --------------------------------------------------------------------------------------
     def finished_steps(self) -> list[dict]:
@@ -300,7 +323,7 @@ class ContinualRun:
         if trainer.is_deepspeed_enabled:  # kept for its engine (see _release_trainer)
             self._trainer = trainer
         epochs = trainer.state.epoch or self.config.train.epochs  # fewer when stopped early
-        tokens = round(sum(len(dataset[i]["input_ids"]) for i in range(len(dataset))) * epochs)
+        tokens = round(sum(dataset.input_length(i) for i in range(len(dataset))) * epochs)
         # mean of the logged losses: the Trainer's own training_loss only covers the part after a resume
         logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         return {
@@ -465,7 +488,8 @@ class ContinualRun:
         ctx = StepContext(step=step, task=task, seen_tasks=self.tasks[:step], model=self.model,
                           train_dataset=self.dataset(task, "train"), run_dir=str(self.out), seed=self.config.seed,
                           batch_size=self.config.train.batch_size,
-                          dataset_fn=self.dataset, collate_fn=MultimodalCollator(self.model.tokenizer.pad_token_id))
+                          dataset_fn=self.method_dataset,
+                          collate_fn=MultimodalCollator(self.model.tokenizer.pad_token_id))
         for method in self.methods:
             method.on_task_start(ctx)
         train_stats = self._train_step(step, task, ctx)
@@ -487,6 +511,7 @@ class ContinualRun:
             "step_runtime_s": time.time() - started,
         }
         self._save_phase(step, task, record, predictions)
+        self.release_datasets()
         if is_main_process():
             shutil.rmtree(self.out / ".checkpoints" / f"step_{step}", ignore_errors=True)
         results = self.write_results()

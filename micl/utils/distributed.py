@@ -8,7 +8,8 @@ more: the Trainer and Accelerate do the distributed training itself.
   already configured state, the DeepSpeed JSON of an `accelerate launch --config_file <deepspeed config>`,
   `use_cpu` + gloo for CPU DDP.
 - `is_main_process()`, `barrier()`, `main_process_first()`: work done once (files written by the main
-  process) with the other ranks waiting.
+  process) with the other ranks waiting; `local_rank()`, `local_world_size()`, `launch_device()`: work
+  shared by the processes of one machine (the feature store's encoding, micl/modeling/feature_store.py).
 - `gathered(params)`: DeepSpeed ZeRO-3 partitions every parameter (a rank holds a flat shard; the
   parameter itself has shape 0 outside a forward). Reading or changing one outside a forward is a
   collective: every rank must enter the same `gathered(...)`. Without ZeRO-3 it does nothing.
@@ -85,8 +86,10 @@ def launch_device() -> torch.device:
     state = _state()
     if state is not None:
         return state.device
+    if _env_flag("ACCELERATE_USE_CPU"):
+        return torch.device("cpu")
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", torch.cuda.current_device())
     if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
@@ -215,6 +218,30 @@ def world_size() -> int:
     return 1 if state is None else state.num_processes
 
 
+def local_rank() -> int:
+    """This process's position among the processes of its machine (0 in a single process)."""
+    state = _state()
+    return 0 if state is None else state.local_process_index
+
+
+def local_world_size() -> int:
+    """How many processes of the launch run on this machine (1 in a single process)."""
+    if _state() is None:
+        return 1
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+
+
+def all_processes_agree(flag: bool) -> bool:
+    """True when `flag` is true on every process (a collective; the flag itself in a single process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    backend = torch.distributed.get_backend()
+    device = launch_device() if backend == "nccl" else torch.device("cpu")
+    value = torch.tensor([1 if flag else 0], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -246,10 +273,10 @@ def plain_model_loading():
     """Models loaded inside the block are built whole, even while a ZeRO-3 Trainer exists.
 
     The Trainer registers its DeepSpeed config globally, and transformers' `from_pretrained` then builds
-    every model partitioned (`deepspeed.zero.Init`). micl loads frozen encoders lazily, on the first media
-    item that is not in the feature cache, and only the main process encodes: a partitioned encoder would
-    wait in its first forward for ranks that wait at the barrier (seen here: a hang at the first audio
-    task after a ZeRO-3 step). The LLM is partitioned by the DeepSpeed engine when training starts."""
+    every model partitioned (`deepspeed.zero.Init`). micl loads frozen encoders lazily, on the first feature
+    store that is missing (each process of a machine encodes its share of it): a partitioned encoder would
+    wait in its first forward for ranks that have nothing to encode or wait at a barrier (seen here: a hang
+    at the first audio task after a ZeRO-3 step). The LLM is partitioned by the DeepSpeed engine when training starts."""
     try:
         from transformers.integrations import deepspeed as hf_deepspeed
     except ImportError:

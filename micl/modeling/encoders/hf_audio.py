@@ -55,7 +55,7 @@ class ClapAudioTower(MediaEncoder):
         if missing:  # from_pretrained would leave them randomly initialised
             raise ConfigError(f"{KEY}: {self.name!r} has no CLAP audio weights "
                               f"({len(missing)} missing, e.g. {missing[0]})")
-        return (model.audio_model if self.full_model else model).eval()
+        return self.placed((model.audio_model if self.full_model else model).eval())
 
     @cached_property
     def feature_extractor(self):
@@ -86,7 +86,8 @@ class ClapAudioTower(MediaEncoder):
         window = self.feature_extractor.nb_max_samples
         features = torch.stack([self._features(w) for w in waveforms])
         is_longer = torch.tensor([[len(w) > window] for w in waveforms])
-        states = last_hidden_state(self.model(input_features=features, is_longer=is_longer), self.name, KEY)
+        states = last_hidden_state(self.model(input_features=self.inputs(features), is_longer=self.inputs(is_longer)),
+                                   self.name, KEY)
         if states.dim() != 4 or states.shape[1] != self.output_dim:
             raise ConfigError(f"{KEY}: CLAP audio tower {self.name!r} returned last_hidden_state "
                               f"{tuple(states.shape)}, expected [B, {self.output_dim}, F, T]")
@@ -126,7 +127,7 @@ class HFAudioEncoder(MediaEncoder):
             model = AutoModel.from_pretrained(self.name, trust_remote_code=self.trust_remote_code, dtype=torch.float32)
         except (OSError, ValueError) as err:
             raise ConfigError(f"{KEY}: cannot load {self.name!r} with AutoModel: {first_line(err)}") from err
-        return model.eval()
+        return self.placed(model.eval())
 
     @cached_property
     def feature_extractor(self):
@@ -150,7 +151,7 @@ class HFAudioEncoder(MediaEncoder):
         for waveform in items:
             inputs = self.feature_extractor(np.asarray(waveform, dtype=np.float32), sampling_rate=self.sampling_rate,
                                             return_tensors="pt")
-            inputs = {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}
+            inputs = {k: self.inputs(v.float() if v.is_floating_point() else v) for k, v in inputs.items()}
             states = last_hidden_state(self.model(**inputs), self.name, KEY)
             if states.dim() != 3 or states.shape[-1] != self.output_dim:
                 raise ConfigError(f"{KEY}: {self.name!r} returned last_hidden_state {tuple(states.shape)}, "

