@@ -4,6 +4,10 @@ real task names end to end on CPU with tiny random models of the same kinds subs
 
 import json
 import shutil
+import subprocess
+import sys
+
+import pytest
 
 from conftest import REPO
 from test_hf_encoders import hf_models  # noqa: F401  (fixture: tiny CLIP / SigLIP / Whisper / CLAP folders)
@@ -71,3 +75,35 @@ def test_two_real_tasks_end_to_end_with_tiny_models_of_the_same_kinds(tiny_model
     # MoInCL ran: pseudo captions of the QA inputs by the previous step's model (beam 5, as the recipe says)
     assert (out / "pseudo_targets").is_dir()
     assert len(step["early_stopping"]["val_scores"]) == 1  # scored on the val split after its one epoch
+
+
+PAPER_LAUNCHES = ["ddp.yaml", pytest.param("zero2.yaml", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("config", PAPER_LAUNCHES)
+def test_paper_recipe_under_the_readme_launch_lines(config, tiny_models, hf_models, synth_root, tmp_path):
+    """The README's multi-GPU lines for the paper recipe, `accelerate launch --config_file
+    recipes/accelerate/{ddp,zero2}.yaml -m micl train recipes/paper/moincl_llama32.yaml`, on 2 CPU processes
+    with the tiny models of the same kinds: bf16, MoInCL with pseudo captions, early stopping, beam 5."""
+    from test_distributed import _env, _free_port
+
+    data = tmp_path / "data"
+    _real_task_data(synth_root, data)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+           str(REPO / "recipes" / "accelerate" / config), "--num_processes", "2", "--main_process_port",
+           str(_free_port()), "-m", "micl", "train", str(RECIPE), f"output_dir={out}", f"data.root={data}",
+           "order=[clotho_aqa,flickr30k]", f"model.llm={tiny_models['llm']}",
+           f"model.image_encoder={hf_models['clip_vision']}", f"model.audio_encoder={hf_models['clap_audio']}",
+           "model.image_tokens=16", "model.audio_tokens=4", "data.max_train_samples=8", "data.max_eval_samples=4",
+           "train.epochs=1", "train.batch_size=2", "train.grad_accum=2", "train.save_steps=1",
+           "train.tensorboard=false", "eval.batch_size=2", "eval.max_new_tokens=4", "eval.forward_transfer=false",
+           "method_args.moincl.instruction_k=1", "method_args.moincl.pseudo_num=1"]
+    done = subprocess.run(cmd, cwd=REPO, env=_env(MICL_CACHE_DIR=str(tmp_path / "cache")), capture_output=True,
+                          text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] and results["tasks"] == ["clotho_aqa", "flickr30k"]
+    step = json.loads((out / "step_1_flickr30k" / "metrics.json").read_text())
+    assert step["world_size"] == 2 and step["optimizer_steps"] == 1  # 8 samples = 2 processes x 2 x 2
+    assert len(step["early_stopping"]["val_scores"]) == 1

@@ -14,9 +14,8 @@ import os
 
 import torch
 from safetensors.torch import load_file, save_file
-from accelerate.utils import DeepSpeedSchedulerWrapper, DistributedType
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
-from transformers.integrations.deepspeed import deepspeed_load_checkpoint
 from transformers.trainer import SCHEDULER_NAME
 
 from ..methods.base import TokenSum
@@ -188,6 +187,7 @@ class MiclTrainer(Trainer):
         # (transformers without `_prepare_for_training`, the non-strict load below, keep the frozen weights)
         if not (self.is_deepspeed_enabled and hasattr(Trainer, "_prepare_for_training")):
             return super()._save_optimizer_and_scheduler(output_dir)
+        from accelerate.utils import DeepSpeedSchedulerWrapper  # (exported only where DeepSpeed is installed)
         engine = self.model_wrapped
         # DeepSpeed finds the frozen weights by `named_parameters()`, which names a tied weight once: the
         # other name (e.g. a tied `lm_head.weight`, the size of the embeddings) would still be written
@@ -210,6 +210,8 @@ class MiclTrainer(Trainer):
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         if not (self.is_deepspeed_enabled and resume_from_checkpoint):
             return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
         deepspeed_load_checkpoint(self.model_wrapped, resume_from_checkpoint, load_module_strict=False)
         self._load_optimizer_and_scheduler(resume_from_checkpoint)
