@@ -70,3 +70,72 @@ def test_bad_settings_are_clear_errors(tiny_models, synth_root, tmp_path, capsys
 def test_args_validation_without_a_run():
     with pytest.raises(ConfigError, match="alpha"):
         MoInCL(MoInCLArgs(alpha=[-0.1]))
+
+
+def test_one_batched_pass_equals_separate_forwards_of_the_pseudo_rows_and_instructions(tiny_models):
+    """MoInCL's pseudo-target rows and instructions go through the student (and the teacher) in one forward
+    that keeps only the logits it needs; its losses equal those of separate full-logit forwards."""
+    import torch
+    import torch.nn.functional as F
+
+    from micl.data.collator import MultimodalCollator
+    from micl.data.dataset import EncodedTaskDataset
+    from micl.data.prompts import load_templates
+    from micl.data.tasks import get_task
+    from micl.methods.base import StepContext
+    from micl.methods.distill import target_prediction_mask
+    from micl.methods.teacher import PreviousModelTeacher
+    from micl.modeling.multimodal import model_inputs
+    from test_modeling import build
+
+    model, builder = build(tiny_models)
+    model.eval()  # no dropout
+    task = get_task("synth_image_caption")
+    samples = [{"id": f"s{i}", "task": task.name, "modality": "image", "task_type": "caption", "media": "",
+                "instruction": "", "target": "a red circle" + " moving up" * i, "references": ["x"]} for i in range(4)]
+    torch.manual_seed(0)
+    dataset = EncodedTaskDataset(samples, [{"image": torch.randn(48, 12)} for _ in samples], builder,
+                                 load_templates(), train=True)
+    collate = MultimodalCollator(model.tokenizer.pad_token_id)
+    ctx = StepContext(step=1, task=task, seen_tasks=[get_task("synth_image_qa")], model=model,
+                      train_dataset=dataset, run_dir="", batch_size=4, collate_fn=collate)
+    moincl = MoInCL(MoInCLArgs(pseudo_num=2, instruction_k=3))
+    moincl.teacher = PreviousModelTeacher(model)
+    moincl.pseudo = [("what color is it?", "red" if i % 2 else "the red one") for i in range(4)]
+    with torch.no_grad():  # the student moves away from the teacher (its LoRA too: instructions have no media)
+        for p in model.projectors.parameters():
+            p.add_(0.3)
+        for name, p in model.named_parameters():
+            if "lora_B" in name and ".teacher." not in name:
+                p.add_(0.05)
+    batch = moincl.augment_batch(collate([dataset[i] for i in range(4)]), ctx)
+    extra = batch["moincl"]
+    assert 0 < extra["logits_to_keep"] < extra["input_ids"].shape[1]  # long media prompts: not all logits
+    losses = list(moincl.auxiliary_losses(model, batch, ctx))[0]
+    pseudo, instructions = (float(loss.value.detach()) for loss in losses)
+
+    T, rows = moincl.args.temperature, extra["pseudo_mask"].any(-1)
+    expected_pseudo = expected_instructions = 0.0
+    for row in range(extra["input_ids"].shape[0]):
+        keep = extra["attention_mask"][row].bool()  # the row alone, unpadded, all logits
+        single = {"input_ids": extra["input_ids"][row:row + 1, keep],
+                  "attention_mask": extra["attention_mask"][row:row + 1, keep],
+                  "media_mask": extra["media_mask"][row:row + 1, keep]}
+        if rows[row]:
+            single["media_features"] = {"image": extra["media_features"]["image"][[int(rows[:row + 1].sum()) - 1]]}
+            single["media_rows"] = {"image": torch.tensor([0])}
+        labels = extra["labels"][row:row + 1, keep]
+        student = model(**single, logits_to_keep=0).logits[0]
+        teacher = moincl.teacher.logits({**single, "logits_to_keep": 0})[0]
+        kl = T**2 * F.kl_div(F.log_softmax(student / T, -1), F.log_softmax(teacher / T, -1), log_target=True,
+                             reduction="none").sum(-1)
+        if rows[row]:
+            mask = target_prediction_mask(labels)[0]
+            ce = F.cross_entropy(student[:-1], labels[0, 1:], ignore_index=-100, reduction="sum")
+            expected_pseudo += float(ce + moincl.args.lambda_kl * kl[mask].sum())
+        else:
+            expected_instructions += float(moincl.args.instruction_weight * kl.sum())
+    assert pseudo == pytest.approx(expected_pseudo, rel=1e-4)
+    assert instructions == pytest.approx(expected_instructions, rel=1e-4) and expected_instructions > 1e-3
+    assert int(rows.sum()) == 2 and extra["input_ids"].shape[0] == 5
+    moincl.teacher.remove()

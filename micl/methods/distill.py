@@ -18,18 +18,28 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: to
     return kd_loss_rows(student_logits[mask], teacher_logits[mask], temperature)
 
 
+def kd_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)) at every position ([batch, kept])."""
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return temperature**2 * (teacher.exp() * (teacher - student)).sum(-1)
+
+
+def masked_sum(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of `per_position` ([batch, kept], the last positions of the batch) where the full-length mask
+    ([batch, length]) is true. The mask weights the positions instead of selecting them, so nothing is read
+    back from the device."""
+    mask = mask[:, mask.shape[1] - per_position.shape[1]:]
+    return (per_position * mask.to(per_position.dtype)).sum()
+
+
 def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                 temperature: float) -> torch.Tensor:
     """T^2 * sum over the positions where `mask` is true of KL(softmax(teacher/T) || softmax(student/T)).
 
     The logits may cover only the last positions of the batch (MultimodalLM keeps the logits from
-    `logits_offset` on): `mask` is [batch, length] and is aligned to their end. The mask weights the
-    positions instead of selecting them, so nothing is read back from the device."""
-    mask = mask[:, mask.shape[1] - student_logits.shape[1]:]
-    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = (teacher.exp() * (teacher - student)).sum(-1)
-    return temperature**2 * (kl * mask.to(kl.dtype)).sum()
+    `logits_offset` on): `mask` is [batch, length] and is aligned to their end."""
+    return masked_sum(kd_per_position(student_logits, teacher_logits, temperature), mask)
 
 
 def kd_loss_rows(student_rows: torch.Tensor, teacher_rows: torch.Tensor, temperature: float) -> torch.Tensor:

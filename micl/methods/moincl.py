@@ -23,7 +23,7 @@ from ..data.prompts import render_instruction
 from ..errors import ConfigError
 from ..modeling.multimodal import model_inputs
 from .base import ContinualMethod, StepContext, TokenSum
-from .distill import kd_loss_sum, target_prediction_mask
+from .distill import kd_per_position, masked_sum, target_prediction_mask
 from .pseudo_targets import caption_pseudo_targets, load_pseudo_qa_rules, qa_from_caption
 from .teacher import PreviousModelTeacher
 
@@ -142,8 +142,11 @@ class MoInCL(ContinualMethod):
         instruction_mask[:pseudo_rows] = False
         extra["pseudo_mask"] = target_prediction_mask(extra["labels"])
         extra["instruction_mask"] = instruction_mask
-        if pseudo_rows < len(items):
-            extra["logits_to_keep"] = 0  # the instructions are distilled at every token
+        # logits where something is learned: the pseudo targets (the collator's window) and the instructions'
+        # tokens, which are the last positions of their left-padded rows
+        instruction_tokens = max((len(item["input_ids"]) for item in items[pseudo_rows:]), default=0)
+        if instruction_tokens:
+            extra["logits_to_keep"] = max(extra["logits_to_keep"], instruction_tokens)
         return {**batch, "moincl": extra}
 
     def count_loss_items(self, batch: dict) -> dict:
@@ -162,6 +165,7 @@ class MoInCL(ContinualMethod):
         inputs = model_inputs(extra)
         teacher = self.teacher.logits(inputs)
         student = model(**inputs)
-        pseudo = student.loss_sum + self.args.lambda_kl * kd_loss_sum(student.logits, teacher, extra["pseudo_mask"], T)
-        instructions = self.args.instruction_weight * kd_loss_sum(student.logits, teacher, extra["instruction_mask"], T)
+        kd = kd_per_position(student.logits, teacher, T)  # once for both: the rows' masks pick their positions
+        pseudo = student.loss_sum + self.args.lambda_kl * masked_sum(kd, extra["pseudo_mask"])
+        instructions = self.args.instruction_weight * masked_sum(kd, extra["instruction_mask"])
         yield [TokenSum(pseudo, "moincl.pseudo"), TokenSum(instructions, "moincl.instructions")]
