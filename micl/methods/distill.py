@@ -19,7 +19,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: to
 
 
 def kd_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(teacher/T) || softmax(student/T)) at every position ([batch, kept])."""
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)) at every position (over the last dimension)."""
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     return temperature**2 * (teacher.exp() * (teacher - student)).sum(-1)

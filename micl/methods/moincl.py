@@ -17,13 +17,14 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 
 from ..data.instructions import load_instructions
 from ..data.prompts import render_instruction
 from ..errors import ConfigError
 from ..modeling.multimodal import model_inputs
 from .base import ContinualMethod, StepContext, TokenSum
-from .distill import kd_per_position, masked_sum, target_prediction_mask
+from .distill import kd_per_position, target_prediction_mask
 from .pseudo_targets import caption_pseudo_targets, load_pseudo_qa_rules, qa_from_caption
 from .teacher import PreviousModelTeacher
 
@@ -147,6 +148,18 @@ class MoInCL(ContinualMethod):
         instruction_tokens = max((len(item["input_ids"]) for item in items[pseudo_rows:]), default=0)
         if instruction_tokens:
             extra["logits_to_keep"] = max(extra["logits_to_keep"], instruction_tokens)
+        # the distilled positions as (row, column) indices, worked out here on the host: the loss gathers
+        # their logits without reading a mask back from the device
+        length, positions = extra["input_ids"].shape[1], []
+        for row, item in enumerate(items):
+            start = length - len(item["input_ids"])  # left padding
+            if row < pseudo_rows:  # the logit at j predicts token j + 1
+                positions += [(row, start + j, True) for j, label in enumerate(item["labels"][1:]) if label != -100]
+            else:
+                positions += [(row, start + j, False) for j in range(len(item["input_ids"]))]
+        extra["kd_rows"] = torch.tensor([p[0] for p in positions], dtype=torch.long)
+        extra["kd_columns"] = torch.tensor([p[1] for p in positions], dtype=torch.long)
+        extra["kd_is_pseudo"] = torch.tensor([p[2] for p in positions], dtype=torch.bool)
         return {**batch, "moincl": extra}
 
     def count_loss_items(self, batch: dict) -> dict:
@@ -165,7 +178,9 @@ class MoInCL(ContinualMethod):
         inputs = model_inputs(extra)
         teacher = self.teacher.logits(inputs)
         student = model(**inputs)
-        kd = kd_per_position(student.logits, teacher, T)  # once for both: the rows' masks pick their positions
-        pseudo = student.loss_sum + self.args.lambda_kl * masked_sum(kd, extra["pseudo_mask"])
-        instructions = self.args.instruction_weight * masked_sum(kd, extra["instruction_mask"])
+        rows, columns = extra["kd_rows"], extra["kd_columns"] - student.logits_offset
+        kd = kd_per_position(student.logits[rows, columns], teacher[rows, columns], T)  # [distilled positions]
+        is_pseudo = extra["kd_is_pseudo"].to(kd.dtype)
+        pseudo = student.loss_sum + self.args.lambda_kl * (kd * is_pseudo).sum()
+        instructions = self.args.instruction_weight * (kd * (1 - is_pseudo)).sum()
         yield [TokenSum(pseudo, "moincl.pseudo"), TokenSum(instructions, "moincl.instructions")]
