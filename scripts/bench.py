@@ -311,9 +311,8 @@ def memory_child(rows: int, feature_dtype: str = "float32") -> dict:
     encode_s = time.perf_counter() - started
     results = run.run()
     step = results["steps"][0]
-    store = next((tmp / "cache" / "feature_store").iterdir())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    stored = (store / "features.bin").stat().st_size
+    stored = sum(f.stat().st_size for f in (tmp / "cache" / "feature_store").glob("*/features.bin"))  # all splits
     subprocess.run(["rm", "-rf", str(tmp)], check=True)
     assert trained == rows, f"{trained} training rows, expected {rows}"
     assert sum(clock.sizes) == rows, f"{sum(clock.sizes)} samples trained, expected {rows}"
