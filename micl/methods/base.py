@@ -42,6 +42,21 @@ class TokenSum:
     items: str = "labels"
 
 
+def batch_indices(batch: dict) -> list[int] | None:
+    """The dataset positions of a batch's samples (the collator's `indices`), or None."""
+    indices = batch.get("indices")
+    if indices is None and batch.get("sample_index") is not None:
+        indices = batch["sample_index"].tolist()
+    return indices
+
+
+def draw_key(batch: dict, fallback: str) -> str:
+    """What seeds a hook's per-batch draw: the batch's sample indices (the same micro-batch gets the same draw
+    however the global batch is split, and after a resume), else `fallback` (e.g. a call counter)."""
+    indices = batch_indices(batch)
+    return ",".join(map(str, indices)) if indices is not None else fallback
+
+
 def unwrap_model(model):
     """The MultimodalLM inside a DataParallel / DDP wrapper (parameter names without 'module.')."""
     while hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module):

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..modeling.multimodal import model_inputs, move_to
 from ..utils.io import atomic_write_json
-from .base import ContinualMethod, StepContext, unwrap_model
+from .base import ContinualMethod, StepContext, draw_key, unwrap_model
 from .replay import reservoir_sample
 
 
@@ -381,10 +381,7 @@ class MoeAdapters(ContinualMethod):
                 or not model.training):
             return None
         self._calls += 1
-        indices = batch.get("indices")
-        if indices is None and batch.get("sample_index") is not None:
-            indices = batch["sample_index"].tolist()
-        key = ",".join(map(str, indices)) if indices is not None else f"call{self._calls}"
+        key = draw_key(batch, f"call{self._calls}")
         rng = random.Random(f"moe_adapters:{ctx.seed}:{ctx.step}:{ctx.epoch}:{key}")
         chosen = sorted(rng.sample(range(len(self.memory)), min(self.args.preserve_batch_size, len(self.memory))))
         device = batch["input_ids"].device

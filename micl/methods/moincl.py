@@ -23,7 +23,7 @@ from ..data.instructions import load_instructions
 from ..data.prompts import render_instruction
 from ..errors import ConfigError
 from ..modeling.multimodal import model_inputs
-from .base import ContinualMethod, StepContext, TokenSum
+from .base import ContinualMethod, StepContext, TokenSum, batch_indices, draw_key
 from .distill import kd_per_position, target_prediction_mask
 from .pseudo_targets import caption_pseudo_targets, load_pseudo_qa_rules, qa_from_caption
 from .teacher import PreviousModelTeacher
@@ -117,17 +117,15 @@ class MoInCL(ContinualMethod):
         split over processes and accumulation steps, and after a resume."""
         if self.teacher is None:
             return batch
-        indices = batch.get("indices")
-        if indices is None:
-            indices = [int(i) for i in batch["sample_index"]]
-        rng = random.Random(f"{ctx.seed}:{ctx.step}:{ctx.epoch}:{','.join(map(str, indices))}")
+        indices = batch_indices(batch) or []
+        rng = random.Random(f"{ctx.seed}:{ctx.step}:{ctx.epoch}:{draw_key(batch, '')}")
         dataset = ctx.train_dataset
         items = []
         candidates = [i for i in indices if self.pseudo and self.pseudo[i] is not None]
         for index in rng.sample(candidates, min(self.args.pseudo_num, len(candidates))):
             instruction, target = self.pseudo[index]
             items.append(dataset.encode_item(index, instruction, target))
-        if not candidates and self.pseudo and ctx.uniform_forwards:
+        if not candidates and self.pseudo and indices and ctx.uniform_forwards:
             # another rank may have pseudo rows: the same forwards here, with a row that carries no target
             items.append(dataset.encode_item(indices[0], "", None))
         pseudo_rows = len(items)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError
 from ..modeling.multimodal import model_inputs, move_to
 from ..modeling.prompting import target_tokens
-from .base import ContinualMethod, StepContext, TokenSum
+from .base import ContinualMethod, StepContext, TokenSum, draw_key
 
 
 @dataclass
@@ -124,10 +124,7 @@ class Replay(ContinualMethod):
         if not any(self.buffers.values()) or self.args.weight == 0:
             return batch
         self._calls += 1
-        indices = batch.get("indices")
-        if indices is None and batch.get("sample_index") is not None:
-            indices = batch["sample_index"].tolist()
-        key = ",".join(map(str, indices)) if indices is not None else f"call{self._calls}"
+        key = draw_key(batch, f"call{self._calls}")
         return {**batch, "replay": ctx.collate_fn(self.replay_items(ctx, self.draw(ctx, key)))}
 
     def count_loss_items(self, batch: dict) -> dict:
