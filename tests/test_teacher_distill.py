@@ -101,3 +101,30 @@ def test_lwf_distils_the_previous_model_on_current_inputs(tiny_models):
     assert float(loss.detach()) > 0 and loss.requires_grad
     lwf.on_task_end(ctx)
     assert not any("teacher" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("tuner", ["lora", "gated_lora", "moe_lora"])
+def test_teacher_equals_the_previous_model_for_every_tuner(tiny_models, tuner):
+    """The teacher copies every weight of the student's adapter, whatever the tuner names them (gated LoRA
+    keys its gates by adapter name at the end of the parameter name)."""
+    from micl.adapters import build_peft_config
+    from micl.config import LoraArgs
+    from micl.modeling.llm import load_llm
+    from micl.modeling.multimodal import MultimodalLM
+    from micl.modeling.prompting import PromptBuilder
+
+    torch.manual_seed(0)
+    llm, tokenizer = load_llm(tiny_models["llm"])
+    model = MultimodalLM.with_adapter(llm, tokenizer, {"image": 12}, build_peft_config(LoraArgs(type=tuner, dropout=0.0)))
+    with torch.no_grad():  # a trained adapter, not the initial one (LoRA B and gates start at zero)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.eval()
+    batch = MultimodalCollator(tokenizer.pad_token_id)(
+        [example(PromptBuilder(tokenizer, ""), "describe.", "image", torch.randn(4, 12), "a red circle")])
+    previous = model(**batch).logits
+    teacher = PreviousModelTeacher(model)
+    torch.testing.assert_close(teacher.logits(batch), previous, rtol=1e-5, atol=1e-6)
+    assert teacher.teacher_parameters() and all(not p.requires_grad for p in teacher.teacher_parameters().values())
+    teacher.remove()

@@ -20,6 +20,16 @@ from ..utils.distributed import gathered, has_master_copy, is_partitioned, set_t
 TEACHER_ADAPTER = "teacher"
 
 
+def adapter_of(name: str) -> set[str]:
+    """The dotted components of a parameter name: a tuner keys its weights by adapter name either in the
+    middle (`lora_A.default.weight`) or at the end (`gated_lora_gate.default`, a ParameterDict)."""
+    return set(name.split("."))
+
+
+def renamed(name: str, old: str, new: str) -> str:
+    return ".".join(new if part == old else part for part in name.split("."))
+
+
 def _frozen_copy(projectors: torch.nn.ModuleDict) -> torch.nn.ModuleDict:
     """A frozen copy of the projectors. Under ZeRO-3 a deep copy would copy empty shards and DeepSpeed's
     module hooks, so the copy is rebuilt as plain modules from the gathered weights; it stays outside the
@@ -57,9 +67,8 @@ class PreviousModelTeacher:
         self.student_adapter = peft_model.active_adapter
         peft_model.add_adapter(TEACHER_ADAPTER, copy.deepcopy(peft_model.peft_config[self.student_adapter]))
         params = dict(peft_model.named_parameters())
-        marker, student_marker = f".{TEACHER_ADAPTER}.", f".{self.student_adapter}."
-        pairs = [(param, params[name.replace(marker, student_marker)]) for name, param in params.items()
-                 if marker in name]
+        pairs = [(param, params[renamed(name, TEACHER_ADAPTER, self.student_adapter)])
+                 for name, param in params.items() if TEACHER_ADAPTER in adapter_of(name)]
         # under DeepSpeed ZeRO-3 the student's parameters are shards: gathered on every rank to be read
         with torch.no_grad(), gathered([student for _, student in pairs]):
             for param, student in pairs:
@@ -69,12 +78,11 @@ class PreviousModelTeacher:
         self.projectors = _frozen_copy(model.projectors)
 
     def teacher_parameters(self) -> dict[str, torch.Tensor]:
-        marker = f".{TEACHER_ADAPTER}."
-        return {n: p for n, p in self.model.llm.named_parameters() if marker in n}
+        return {n: p for n, p in self.model.llm.named_parameters() if TEACHER_ADAPTER in adapter_of(n)}
 
     def student_parameters(self) -> dict[str, torch.Tensor]:
-        marker = f".{self.student_adapter}."
-        return {n: p for n, p in self.model.llm.named_parameters() if marker in n and "lora_" in n}
+        return {n: p for n, p in self.model.llm.named_parameters()
+                if self.student_adapter in adapter_of(n) and "lora_" in n}
 
     @contextmanager
     def active(self):
@@ -115,8 +123,8 @@ class PreviousModelTeacher:
     def interpolate(self, alpha: float) -> None:
         """student LoRA = (1 - alpha) * teacher + alpha * student, parameter by parameter."""
         params = dict(self.model.llm.named_parameters())
-        marker, student_marker = f".{TEACHER_ADAPTER}.", f".{self.student_adapter}."
-        pairs = [(params[name.replace(marker, student_marker)], old) for name, old in self.teacher_parameters().items()]
+        pairs = [(params[renamed(name, TEACHER_ADAPTER, self.student_adapter)], old)
+                 for name, old in self.teacher_parameters().items()]
         if not any(is_partitioned(p) or has_master_copy(p) for pair in pairs for p in pair):
             for new, old in pairs:
                 new.mul_(alpha).add_(old, alpha=1 - alpha)
