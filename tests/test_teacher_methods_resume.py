@@ -50,3 +50,39 @@ def test_moincl_and_lwf_share_a_teacher_and_a_killed_step_resumes_to_the_same_ru
             assert got.keys() == want.keys()
             assert all(torch.equal(got[k], want[k]) for k in want), \
                 [k for k in want if not torch.equal(got[k], want[k])][:5]
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/micl-unsafe-load-marker",))
+
+
+def test_a_method_state_that_would_run_code_is_refused(tiny_models, synth_root, tmp_path):
+    import os
+
+    from micl.errors import MiclError
+
+    out = tmp_path / "run"
+    args = ["train", str(REPO / "recipes" / "replay.yaml"), *tiny_recipe_overrides(tiny_models, synth_root, out),
+            "order=[synth_image_qa,synth_audio_qa]", "eval.forward_transfer=false"]
+    assert main([*args, "order=[synth_image_qa]", f"output_dir={tmp_path / 'first'}"]) == 0
+    first = tmp_path / "first" / "step_0_synth_image_qa"
+    (out).mkdir()
+    import shutil
+
+    shutil.copytree(first, out / first.name)
+    config = json.loads((tmp_path / "first" / "run_config.json").read_text())
+    config["order"] = ["synth_image_qa", "synth_audio_qa"]
+    config["output_dir"] = str(out)
+    (out / "run_config.json").write_text(json.dumps(config))
+    torch.save([_RunsCode()], out / first.name / "method_state.pt")
+    if os.path.exists("/tmp/micl-unsafe-load-marker"):
+        os.remove("/tmp/micl-unsafe-load-marker")
+    with pytest.raises(MiclError, match="method_state.pt: holds objects other than tensors"):
+        from micl.config import load_recipe
+        from micl.training.loop import ContinualRun
+
+        ContinualRun(load_recipe(args[1], args[2:])).run()
+    assert not os.path.exists("/tmp/micl-unsafe-load-marker")

@@ -48,7 +48,7 @@ from ..modeling.prompting import PromptBuilder
 from ..utils.distributed import (barrier, deepspeed_zero_stage, gathered, init_distributed, is_main_process,
                                  launch_device, main_process_first, plain_model_loading,
                                  training_arguments_kwargs, world_size)
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_write_json, safe_torch_load
 from .checkpoint_layout import LayoutCallback, check_resumable
 from .evaluation import evaluate_task
 from .early_stopping import EarlyStopping
@@ -385,7 +385,7 @@ class ContinualRun:
         last = finished[-1]
         folder = self.out / step_dir_name(last["step"], last["task"])
         self.model.load_phase(folder)
-        states = torch.load(folder / "method_state.pt", weights_only=False)
+        states = safe_torch_load(folder / "method_state.pt")
         for method, state in zip(self.methods, states):
             method.load_state_dict(state)
         logger.info("restored %s", folder)

@@ -22,6 +22,7 @@ from ..methods.base import TokenSum
 from ..modeling.multimodal import model_inputs
 from .loss_scale import MAIN_ITEMS, GlobalBatchScale
 from ..utils.distributed import gathered
+from ..utils.io import safe_torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class MiclTrainer(Trainer):
         if isinstance(resume_from_checkpoint, str):
             path = os.path.join(resume_from_checkpoint, STEP_STATE_FILE.format(rank=self.args.process_index))
             if os.path.isfile(path):
-                for item, state in zip(self.stateful, torch.load(path, weights_only=False)):
+                for item, state in zip(self.stateful, safe_torch_load(path)):
                     item.load_step_state(state)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 

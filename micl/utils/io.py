@@ -92,3 +92,19 @@ def read_yaml_mapping(path: str | os.PathLike, expected: str) -> dict:
     if not isinstance(data, dict) or not data:
         raise ConfigError(f"{p}: expected {expected}")
     return data
+
+
+def safe_torch_load(path):
+    """A torch file of tensors and plain containers (a method's state); anything else (a pickled object,
+    which could run code on load: a run folder may come from someone else) is refused with the file named."""
+    import pickle
+
+    import torch
+
+    from ..errors import MiclError
+
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise MiclError(f"{path}: holds objects other than tensors, numbers, strings, lists and dicts; refusing "
+                        f"to load it ({str(err).splitlines()[0][:120]})") from err
