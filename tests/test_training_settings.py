@@ -77,5 +77,12 @@ def test_gradient_checkpointing_recomputes_the_llm_layers(tiny_models, synth_roo
     again = _run(tiny_models, synth_root, tmp_path / "plain", "train.gradient_checkpointing=true",
                  "train.dataloader_num_workers=2", "model.attn_implementation=eager").run()
     assert again["complete"]
+    again = _run(tiny_models, synth_root, tmp_path / "plain", "train.num_threads=1", "eval.batch_size=3",
+                 "train.save_steps=7").run()  # another machine's core count, another evaluation batch size
+    assert again["complete"]
     with pytest.raises(ConfigError, match="different settings"):
         _run(tiny_models, synth_root, tmp_path / "plain", "train.lr=2e-3").run()
+    # decoding settings change the scores: not mixed into one results matrix
+    for decoding in ("eval.num_beams=2", "eval.max_new_tokens=5", "eval.repetition_penalty=1.2"):
+        with pytest.raises(ConfigError, match=r"different settings \(eval\)"):
+            _run(tiny_models, synth_root, tmp_path / "plain", decoding).run()

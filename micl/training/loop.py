@@ -56,10 +56,17 @@ from .trainer import MiclTrainer
 
 logger = logging.getLogger(__name__)
 
-RUN_IDENTITY_KEYS = ("order", "seed", "method", "method_args", "model", "lora", "data", "train")
-# how a run is computed, not what: may change when a run is resumed (e.g. checkpointing after an OOM)
+# what a run's results depend on: a rerun into the same output_dir must match (decoding settings included,
+# or one matrix would mix them)
+RUN_IDENTITY_KEYS = ("order", "seed", "method", "method_args", "model", "lora", "data", "train", "eval")
+# how a run is computed, not what: may change when a run is resumed (e.g. checkpointing after an OOM, another
+# machine). `train.num_threads` changes only the float summation order of CPU kernels (results agree to
+# rounding, not bitwise), and pinning a run to its first machine's core count would block resuming it elsewhere;
+# `eval.batch_size` only regroups the same prompts (left padding, positions from the attention mask)
 RUNTIME_KEYS = {"model": ("attn_implementation",),
-                "train": ("gradient_checkpointing", "dataloader_num_workers", "dataloader_pin_memory")}
+                "train": ("gradient_checkpointing", "dataloader_num_workers", "dataloader_pin_memory", "num_threads",
+                          "ddp_timeout", "tensorboard", "save_steps"),
+                "eval": ("batch_size",)}
 ZERO3_UNSUPPORTED = ("ewc", "replay")  # docs/distributed.md
 
 
