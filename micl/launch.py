@@ -21,6 +21,7 @@ import yaml
 
 from .data.prompts import find_resource
 from .errors import ConfigError
+from .utils.io import read_yaml_mapping
 
 ACCELERATE_DIR = "recipes/accelerate"
 _PACKAGED = Path(__file__).resolve().parent / "resources" / ACCELERATE_DIR
@@ -69,12 +70,7 @@ def resolved_config(name: str, source: str) -> tuple[Path, dict, bool]:
     """The accelerate config file, its settings with the DeepSpeed JSON path made absolute, and whether
     that changed them."""
     path = config_path(name, source)
-    try:
-        settings = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(settings, dict):
-        raise ConfigError(f"{path}: an accelerate config must be a mapping, got {type(settings).__name__}")
+    settings = read_yaml_mapping(path, "an accelerate config: a mapping of its settings")
     if int(settings.get("num_machines", 1) or 1) > 1:
         raise ConfigError(f"{source}: 'launch.config' {name!r} is a multi-machine config ({path}); `launch` starts "
                           f"the processes of one machine: run `accelerate launch --config_file {path} -m micl train "
