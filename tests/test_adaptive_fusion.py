@@ -232,7 +232,7 @@ def test_killed_run_resumes_mid_task_to_the_same_router(tiny_models, synth_root,
 
 def test_refuses_a_second_media_modulator_and_bad_threshold(tiny_models, synth_root, tmp_path, capsys):
     assert run(tiny_models, synth_root, tmp_path / "x", "method=[harmony,adaptive_fusion]", "lora.type=gated_lora") == 2
-    assert "adaptive_fusion and harmony; both install a media modulator" in capsys.readouterr().err
+    assert "lists harmony and adaptive_fusion; each installs a media modulator" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="threshold"):
         AdaptiveFusionArgs(threshold=1.5)
     with pytest.raises(ConfigError, match="mi_temperature"):

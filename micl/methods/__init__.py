@@ -1,48 +1,54 @@
-"""Continual-learning methods, one module each, registered by name."""
+"""Continual-learning methods: one module each, registered with `@register` (see registry.py)."""
 
 from __future__ import annotations
 
 from ..config import RecipeConfig, build_dataclass
 from ..errors import ConfigError
-from .adaptive_fusion import AdaptiveFusionMethod
-from .base import ContinualMethod, StepContext
-from .ewc import EWC
-from .finetune import Finetune
-from .harmony import Harmony
-from .lwf import LwF
-from .moe_adapters import MoeAdapters
-from .moincl import MoInCL
-from .replay import Replay
-
-METHODS: dict[str, type[ContinualMethod]] = {
-    cls.name: cls for cls in (Finetune, LwF, EWC, Replay, MoInCL, MoeAdapters, Harmony, AdaptiveFusionMethod)
-}
+from .base import ContinualMethod, StepContext, TokenSum
+from .registry import METHODS, PLUGIN_ERRORS, discover, register
 
 
-def register_method(cls: type[ContinualMethod]) -> type[ContinualMethod]:
-    METHODS[cls.name] = cls
-    return cls
+def get_method(name: str, source: str = "recipe") -> type[ContinualMethod]:
+    if name not in METHODS:
+        if name in PLUGIN_ERRORS:
+            raise ConfigError(f"{source}: method {name!r}: {PLUGIN_ERRORS[name]}")
+        raise ConfigError(f"{source}: 'method' has unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def check_capabilities(classes: list[type[ContinualMethod]], config: RecipeConfig, source: str) -> None:
+    """What the methods of a recipe declare, against the recipe and against each other."""
+    for cls in classes:
+        if cls.requires_tuner is not None and config.lora.type != cls.requires_tuner:
+            raise ConfigError(f"{source}: method {cls.name!r} needs 'lora.type: {cls.requires_tuner}', "
+                              f"got 'lora.type: {config.lora.type}'")
+    modulators = [cls.name for cls in classes if cls.uses_media_modulator]
+    if len(modulators) > 1:
+        raise ConfigError(f"{source}: 'method' lists {' and '.join(modulators)}; each installs a media modulator "
+                          f"on the model and only one can be used")
 
 
 def build_methods(config: RecipeConfig, source: str = "recipe") -> list[ContinualMethod]:
-    methods = []
     for key in config.method_args:
         if key not in config.methods:
             raise ConfigError(f"{source}: 'method_args.{key}' given but '{key}' is not in 'method' {config.methods}")
-    for name in config.methods:
-        if name not in METHODS:
-            raise ConfigError(f"{source}: 'method' has unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")
-        cls = METHODS[name]
-        values = config.method_args.get(name) or {}
+    classes = [get_method(name, source) for name in config.methods]
+    check_capabilities(classes, config, source)
+    methods = []
+    for cls in classes:
+        values = config.method_args.get(cls.name) or {}
         if cls.Args is None:
             if values:
-                raise ConfigError(f"{source}: method {name!r} takes no settings, got 'method_args.{name}'")
+                raise ConfigError(f"{source}: method {cls.name!r} takes no settings, got 'method_args.{cls.name}'")
             methods.append(cls())
         else:
-            methods.append(cls(build_dataclass(cls.Args, values, source, f"method_args.{name}.")))
+            methods.append(cls(build_dataclass(cls.Args, values, source, f"method_args.{cls.name}.")))
     for method in methods:
         method.check_recipe(config, source)
     return methods
 
 
-__all__ = ["ContinualMethod", "StepContext", "METHODS", "register_method", "build_methods"]
+discover()
+
+__all__ = ["ContinualMethod", "StepContext", "TokenSum", "METHODS", "register", "get_method", "check_capabilities",
+           "build_methods", "discover"]

@@ -24,9 +24,7 @@ from ..errors import ConfigError
 from ..modeling.fusion import AdaptiveFusion, paired_infonce
 from ..utils.io import atomic_write_json
 from .base import ContinualMethod, StepContext, unwrap_model
-
-OTHER_MODULATORS = ("harmony",)
-
+from .registry import register
 
 @dataclass
 class AdaptiveFusionArgs:
@@ -49,18 +47,14 @@ class AdaptiveFusionArgs:
             raise ConfigError("method_args.adaptive_fusion.statistics_samples: must be >= 0 or null")
 
 
+@register
 class AdaptiveFusionMethod(ContinualMethod):
     name = "adaptive_fusion"
     Args = AdaptiveFusionArgs
+    uses_media_modulator = True
 
     def __init__(self, args: AdaptiveFusionArgs | None = None):
         super().__init__(args or AdaptiveFusionArgs())
-
-    def check_recipe(self, config, source: str) -> None:
-        clash = [m for m in config.methods if m in OTHER_MODULATORS]
-        if clash:
-            raise ConfigError(f"{source}: 'method' lists adaptive_fusion and {clash[0]}; both install a media "
-                              f"modulator on the model and only one can be used")
 
     def _fusion(self, model) -> AdaptiveFusion:
         modulator = model.media_modulator

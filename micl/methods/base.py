@@ -88,6 +88,11 @@ class ContinualMethod:
     name = "base"
     Args = None  # a dataclass of the method's settings (recipe: method_args.<name>.*), or None
     loss_items: tuple[str, ...] = ()  # item kinds its TokenSums are normalised by (besides "labels")
+    # capabilities, read by the core and the preflight (which never name a method):
+    supports_zero3 = True  # False: refused under DeepSpeed ZeRO-3 before anything runs
+    requires_tuner: str | None = None  # the `lora.type` the method needs (None: any)
+    uses_teacher = False  # shares the step's previous-model teacher (micl/methods/teacher.py)
+    uses_media_modulator = False  # installs a media modulator on the model (at most one method may)
 
     def __init__(self, args=None):
         self.args = args

@@ -33,6 +33,7 @@ import torch
 from ..errors import ConfigError
 from ..modeling.multimodal import model_inputs, move_to
 from .base import ContinualMethod, StepContext, unwrap_model
+from .registry import register
 
 FISHER_BATCH_SIZE = 4
 MODES = ("online", "separate")
@@ -118,9 +119,11 @@ def ewc_penalty(params: dict[str, torch.Tensor], terms: list[tuple[dict, dict]])
     return total
 
 
+@register
 class EWC(ContinualMethod):
     name = "ewc"
     Args = EWCArgs
+    supports_zero3 = False  # Fisher from autograd.grad of partitioned weights
 
     def __init__(self, args: EWCArgs | None = None):
         super().__init__(args or EWCArgs())

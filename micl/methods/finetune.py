@@ -2,7 +2,9 @@
 cross-entropy, starting from the previous step's adapter and projectors; nothing protects old tasks."""
 
 from .base import ContinualMethod
+from .registry import register
 
 
+@register
 class Finetune(ContinualMethod):
     name = "finetune"

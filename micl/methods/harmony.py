@@ -44,6 +44,7 @@ from torch.nn import functional as F
 from ..data.schema import STREAMS
 from ..errors import ConfigError
 from .base import ContinualMethod, StepContext, unwrap_model
+from .registry import register
 
 KEY = "method_args.harmony"
 
@@ -195,9 +196,13 @@ def hybrid_alignment_loss(z, y, prototype, lambda_align=1.5, lambda_con=0.8, lam
 
 # ---- the method --------------------------------------------------------------------------------------
 
+@register
 class Harmony(ContinualMethod):
     name = "harmony"
     Args = HarmonyArgs
+    requires_tuner = "gated_lora"
+    supports_zero3 = False  # merges the adapter into partitioned base weights
+    uses_media_modulator = True
 
     def __init__(self, args: HarmonyArgs | None = None):
         super().__init__(args or HarmonyArgs())
@@ -233,10 +238,6 @@ class Harmony(ContinualMethod):
         return peft_model.active_adapter
 
     # ---- hooks -------------------------------------------------------------------------------------------
-    def check_recipe(self, config, source: str) -> None:
-        if config.lora.type != "gated_lora":
-            raise ConfigError(f"{source}: method 'harmony' needs 'lora.type: gated_lora', got 'lora.type: {config.lora.type}'")
-
     def on_task_start(self, ctx: StepContext) -> None:
         from ..utils.distributed import is_partitioned
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from ..modeling.multimodal import model_inputs
 from .base import ContinualMethod, StepContext, TokenSum
+from .registry import register
 from .distill import kd_loss_sum, target_prediction_mask
 from .teacher import PreviousModelTeacher
 
@@ -19,9 +20,11 @@ class LwFArgs:
     temperature: float = 2.0
 
 
+@register
 class LwF(ContinualMethod):
     name = "lwf"
     Args = LwFArgs
+    uses_teacher = True
 
     def __init__(self, args: LwFArgs | None = None):
         super().__init__(args or LwFArgs())

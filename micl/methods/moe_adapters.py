@@ -52,6 +52,7 @@ from ..errors import ConfigError
 from ..modeling.multimodal import model_inputs, move_to
 from ..utils.io import atomic_write_json
 from .base import ContinualMethod, StepContext, draw_key, unwrap_model
+from .registry import register
 from .replay import reservoir_sample
 
 
@@ -168,9 +169,11 @@ class _HiddenCapture:
         self.hidden = None
 
 
+@register
 class MoeAdapters(ContinualMethod):
     name = "moe_adapters"
     Args = MoeAdaptersArgs
+    requires_tuner = "moe_lora"
 
     def __init__(self, args: MoeAdaptersArgs | None = None):
         super().__init__(args or MoeAdaptersArgs())
@@ -233,10 +236,6 @@ class MoeAdapters(ContinualMethod):
                     param.copy_(value)
 
     # ---- hooks ---------------------------------------------------------------------------------------
-    def check_recipe(self, config, source: str) -> None:
-        if config.lora.type != "moe_lora":
-            raise ConfigError(f"{source}: method 'moe_adapters' needs 'lora.type: moe_lora', got 'lora.type: {config.lora.type}'")
-
     def on_task_start(self, ctx: StepContext) -> None:
         from ..utils.distributed import gathered
 

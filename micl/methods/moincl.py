@@ -24,6 +24,7 @@ from ..data.prompts import render_instruction
 from ..errors import ConfigError
 from ..modeling.multimodal import model_inputs
 from .base import ContinualMethod, StepContext, TokenSum, batch_indices, draw_key
+from .registry import register
 from .distill import kd_per_position, target_prediction_mask
 from .pseudo_targets import caption_pseudo_targets, load_pseudo_qa_rules, qa_from_caption
 from .teacher import PreviousModelTeacher
@@ -45,9 +46,11 @@ class MoInCLArgs:
     caption_max_new_tokens: int = 20
 
 
+@register
 class MoInCL(ContinualMethod):
     name = "moincl"
     Args = MoInCLArgs
+    uses_teacher = True
     loss_items = ("moincl.pseudo", "moincl.instructions")
 
     def __init__(self, args: MoInCLArgs | None = None):

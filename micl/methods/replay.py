@@ -27,6 +27,7 @@ from ..errors import ConfigError
 from ..modeling.multimodal import model_inputs, move_to
 from ..modeling.prompting import target_tokens
 from .base import ContinualMethod, StepContext, TokenSum, draw_key
+from .registry import register
 
 
 @dataclass
@@ -72,9 +73,11 @@ def stratified_draw(buffers: dict[str, list[int]], batch_size: int, rng: random.
     return draw
 
 
+@register
 class Replay(ContinualMethod):
     name = "replay"
     Args = ReplayArgs
+    supports_zero3 = False  # per-rank draws can touch another modality's projector on one rank only
     loss_items = ("replay",)
 
     def __init__(self, args: ReplayArgs | None = None):

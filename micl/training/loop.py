@@ -67,7 +67,6 @@ RUNTIME_KEYS = {"model": ("attn_implementation",),
                 "train": ("gradient_checkpointing", "dataloader_num_workers", "dataloader_pin_memory", "num_threads",
                           "ddp_timeout", "tensorboard", "save_steps"),
                 "eval": ("batch_size",)}
-ZERO3_UNSUPPORTED = ("ewc", "replay")  # docs/distributed.md
 
 
 def step_dir_name(step: int, task: str) -> str:
@@ -457,7 +456,7 @@ class ContinualRun:
         touch another modality's projector on one rank only) do not; refused instead of a deadlock."""
         if deepspeed_zero_stage() != 3:
             return
-        unsupported = [m.name for m in self.methods if m.name in ZERO3_UNSUPPORTED]
+        unsupported = [m.name for m in self.methods if not m.supports_zero3]
         if unsupported:
             raise ConfigError(f"method {', '.join(unsupported)} is not supported under DeepSpeed ZeRO-3 (weights "
                               f"partitioned across processes); use ZeRO-2 or DDP (docs/distributed.md)")
