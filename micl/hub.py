@@ -28,11 +28,11 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import MiclError
+from .run_folder import ADAPTER_DIR, METRICS_FILE, MODEL_CONFIG_FILE, OPTIONAL_PHASE_FILES, PHASE_FILES, Phase, RunFolder
 from .utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -42,29 +42,11 @@ RETRY_ATTEMPTS = 5  # tries per Hub call (1 + 4 retries)
 RETRY_BASE_S = 1.0  # first wait; doubles each retry
 RETRY_MAX_S = 60.0  # longest single wait (also caps a server's Retry-After)
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-PHASE_FILES = ("projectors.safetensors", "micl_model.json", "metrics.json")  # + the adapter folder's files
-# written by MultimodalLM only when a method uses them (e.g. harmony: merged base-weight updates, modulator)
-OPTIONAL_PHASE_FILES = ("base_updates.safetensors", "media_modulator.safetensors")
 CARD_TAGS = ["micl", "continual-learning", "peft", "lora", "multimodal"]
 # micl's embedded LLMs and the Hub model they were converted from (the adapter loads onto it with plain PEFT)
 EMBEDDED_BASE_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 _sleep = time.sleep  # the retry wait (tests record it)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-@dataclass(frozen=True)
-class Phase:
-    step: int
-    task: str
-    folder: Path
-
-    @property
-    def name(self) -> str:
-        return self.folder.name
-
-    @property
-    def branch(self) -> str:
-        return branch_name(self.step, self.task)
 
 
 def branch_name(step: int, task: str) -> str:
@@ -90,25 +72,8 @@ def _read_json(path: Path) -> dict:
 
 
 def finished_phases(run_dir: str | Path) -> list[Phase]:
-    """The finished phases of a run in step order (a step folder with metrics.json, as the training loop
-    defines it), stopping at the first unfinished step."""
-    run_dir = Path(run_dir)
-    config_file = run_dir / "run_config.json"
-    if not config_file.is_file():
-        raise MiclError(f"{config_file}: not found; is {run_dir} a micl run folder?")
-    order = _read_json(config_file).get("order")
-    if not isinstance(order, list):
-        raise MiclError(f"{config_file}: 'order' must be the list of tasks")
-    phases = []
-    for step, task in enumerate(order):
-        folder = run_dir / f"step_{step}_{task}"
-        if not (folder / "metrics.json").is_file():
-            break
-        missing = [n for n in ("adapter/adapter_config.json", *PHASE_FILES) if not (folder / n).is_file()]
-        if missing:
-            raise MiclError(f"{folder}: finished phase without {', '.join(missing)}")
-        phases.append(Phase(step, task, folder))
-    return phases
+    """The finished phases of a run in step order, each with all its files (micl/run_folder.py)."""
+    return RunFolder(run_dir).finished_phases(complete=True)
 
 
 def _sha256(source: Path | bytes) -> str:
@@ -126,7 +91,7 @@ def phase_payload(run_dir: Path, phase: Phase, repo_id: str) -> dict[str, Path |
     """path in repo -> local file or bytes: the adapter's files at the root (its own README replaced by the
     generated card), the projectors, micl_model.json, metrics.json and README.md."""
     payload: dict[str, Path | bytes] = {}
-    for path in sorted((phase.folder / "adapter").iterdir()):
+    for path in sorted((phase.folder / ADAPTER_DIR).iterdir()):
         if path.is_file() and path.name != "README.md" and not path.name.startswith("."):
             payload[path.name] = path
     for name in PHASE_FILES:
@@ -158,9 +123,9 @@ def model_card(run_dir: str | Path, phase: Phase, repo_id: str) -> str:
     import yaml
 
     run_dir = Path(run_dir)
-    config = _read_json(run_dir / "run_config.json")
-    metrics = _read_json(phase.folder / "metrics.json")
-    settings = _read_json(phase.folder / "micl_model.json")
+    config = _read_json(RunFolder(run_dir).config_file)
+    metrics = _read_json(phase.folder / METRICS_FILE)
+    settings = _read_json(phase.folder / MODEL_CONFIG_FILE)
     order = list(config.get("order", []))
     llm = str(settings.get("llm", ""))
     base = base_model_id(llm)
@@ -168,7 +133,7 @@ def model_card(run_dir: str | Path, phase: Phase, repo_id: str) -> str:
     method = config.get("method", "")
     methods = ", ".join(method) if isinstance(method, list) else str(method)
     front = {"library_name": "peft", **({"base_model": base} if base else {}), "tags": CARD_TAGS}
-    revision = phase.branch
+    revision = branch_name(phase.step, phase.task)
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
              f"# {repo_id}: step {phase.step + 1}/{len(order)} ({phase.task})", "",
              f"Continual fine-tuning with micl (method: {methods}): LoRA on the LLM plus one "
@@ -348,7 +313,7 @@ def _push_phase(api, retry, repo_id: str, phase: Phase, payload: dict, record: d
 
     what = f"pushing {phase.name} to {repo_id}"
     message = f"micl step {phase.step + 1}: {phase.task}"
-    branch = phase.branch
+    branch = branch_name(phase.step, phase.task)
 
     def create_branch(revision: str) -> bool:
         try:
@@ -413,14 +378,14 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, token: st
         if record and record.get("files") == digests and record.get("branch") in branches:
             sha, status = record.get("commit"), "already pushed"
         else:
-            later_pushed = any(p.branch in branches for p in phases[index + 1:])
+            later_pushed = any(branch_name(p.step, p.task) in branches for p in phases[index + 1:])
             sha = _push_phase(api, retry, repo_id, phase, payload, record if record and record.get("files") ==
                               digests else None, branches, later_pushed)
             status = "pushed"
-            state["phases"][phase.name] = {"step": phase.step, "task": phase.task, "branch": phase.branch,
+            state["phases"][phase.name] = {"step": phase.step, "task": phase.task, "branch": branch_name(phase.step, phase.task),
                                            "commit": sha, "files": digests}
             atomic_write_json(run_dir / STATE_FILE, state)
-        result = {"phase": phase.name, "repo": repo_id, "branch": phase.branch, "commit": sha, "status": status}
+        result = {"phase": phase.name, "repo": repo_id, "branch": branch_name(phase.step, phase.task), "commit": sha, "status": status}
         results.append(result)
         if report is not None:
             report(result)

@@ -303,7 +303,7 @@ def memory_child(rows: int, feature_dtype: str = "float32") -> dict:
     run.methods.append(clock)
     encoder = SyntheticEncoder("image", tokens=MEMORY_TOKENS, dim=MEMORY_DIM)
     encoder.batch_size = config.model.encoder_batch_size
-    run._encoders = {"image": encoder}
+    run.data._encoders = {"image": encoder}
     run.model  # noqa: B018 (the LLM and projector, before any feature exists)
     before_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     started = time.perf_counter()

@@ -104,7 +104,7 @@ def worker(args) -> int:
     config = load_recipe(str(REPO / "recipes" / "quick.yaml"), overrides)
     run = ContinualRun(config)
     with main_process_first():
-        run._ensure_data()
+        run.data.ensure_synthetic(run.tasks)
     task = run.tasks[0]
     dataset = run.dataset(task, "train")
     tokens_per_sample = sum(len(dataset[i]["input_ids"]) for i in range(len(dataset))) / len(dataset)

@@ -191,7 +191,7 @@ def test_a_run_releases_finished_tasks_and_reopens_them_without_encoding(tiny_mo
     opened = run.dataset
     run.dataset = lambda task, split, **kw: requested.append((task.name, split)) or opened(task, split, **kw)
     run.run()
-    assert all(split == "test" for _, split in run._datasets)  # training data released after each step
+    assert all(split == "test" for _, split in run.data._datasets)  # training data released after each step
     step_1 = requested.index(("synth_image_qa", "train"))
     assert ("synth_image_caption", "train") in requested[step_1:]  # replay reopened the released task
     stores = sorted(p.name for p in (tmp_path / "cache" / "feature_store").iterdir())

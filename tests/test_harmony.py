@@ -16,7 +16,8 @@ from micl.hub import finished_phases, phase_payload
 from micl.methods import METHODS
 from micl.methods.harmony import FeatureModulator, Harmony, HarmonyArgs, alignment_terms, hybrid_alignment_loss
 from micl.modeling.llm import load_llm
-from micl.modeling.multimodal import MODULATOR_FILE, UPDATES_FILE, MultimodalLM
+from micl.modeling.multimodal import MultimodalLM
+from micl.run_folder import MODULATOR_FILE, UPDATES_FILE
 from micl.modeling.prompting import PromptBuilder
 from micl.training.trainer import model_inputs
 

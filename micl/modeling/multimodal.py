@@ -4,15 +4,9 @@ Frozen encoders are not part of this module: their features are computed once an
 (`micl/modeling/feature_store.py`), so training and generation only see pooled feature tensors. This
 keeps the trained module = LLM + adapters + projectors, which is what DeepSpeed/Accelerate wrap later.
 
-Saved layout (one folder per phase):
-    adapter/                  PEFT adapter (PeftModel.from_pretrained(base_llm, folder/"adapter"))
-    projectors.safetensors    projector weights, keys "<modality>.<param>"
-    micl_model.json           model settings needed to rebuild the wrapper (LLM id, dims, token counts)
-    base_updates.safetensors  only if a method folded low-rank updates into the frozen base weights
-                              (`merge_low_rank`, micl/modeling/low_rank.py): replayed on load, in order
-    media_modulator.safetensors  only with a `media_modulator` (a module applied to the projected media
-                              tokens; its class and settings are in micl_model.json)
-A phase pushed to the Hub (micl/hub.py) has the adapter files at the repo root instead.
+Saved as a phase folder (its layout: micl/run_folder.py). `base_updates.safetensors` holds the low-rank
+updates a method folded into the frozen base weights (`merge_low_rank`, micl/modeling/low_rank.py), replayed
+on load in order; `media_modulator.safetensors` a module applied to the projected media tokens.
 """
 
 from __future__ import annotations
@@ -32,17 +26,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import MiclError
+from ..run_folder import (ADAPTER_DIR, MODEL_CONFIG_FILE, MODULATOR_FILE, PROJECTORS_FILE, UPDATES_FILE, RunFolder,
+                          adapter_folder, is_run_folder)
 from .low_rank import (UPDATES_FORMAT, apply_low_rank_update, same_update, updates_from_tensors,
                        updates_to_tensors)
 from .projectors import build_projectors
 from .prompting import IGNORE_INDEX, MEDIA_ORDER
 from transformers.utils import ModelOutput
 
-PROJECTORS_FILE = "projectors.safetensors"
-UPDATES_FILE = "base_updates.safetensors"
-MODULATOR_FILE = "media_modulator.safetensors"
-MODEL_CONFIG_FILE = "micl_model.json"
-ADAPTER_DIR = "adapter"
 #: the batch keys MultimodalLM.forward takes
 MODEL_INPUTS = ("input_ids", "attention_mask", "media_mask", "media_features", "media_rows", "media_tasks", "labels",
                 "media_masks", "logits_to_keep")
@@ -339,7 +330,8 @@ class MultimodalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, llm=None, tokenizer=None, is_trainable: bool = False,
                         revision: str | None = None, token: str | None = None):
-        """Rebuilds the wrapper from a saved phase folder, or from a Hub repo id pushed by `micl push`
+        """Rebuilds the wrapper from a saved phase folder, a run folder (its last finished phase), or from a
+        Hub repo id pushed by `micl push`
         (`revision` = a branch `step-<k>-<task>`, default main; downloaded with snapshot_download, endpoint
         and token from huggingface_hub's environment unless `token` is given). The base LLM is loaded from
         the saved id unless given."""
@@ -353,6 +345,8 @@ class MultimodalLM(nn.Module):
         elif revision is not None:
             raise MiclError(f"{folder}: revision= only applies to a Hub repo id, not to a local folder")
         folder = Path(folder)
+        if is_run_folder(folder):
+            folder = RunFolder(folder).last_phase().folder
         config_file = folder / MODEL_CONFIG_FILE
         if not config_file.is_file():
             raise MiclError(f"{config_file}: not found; is {folder} a micl phase folder?")
@@ -360,9 +354,7 @@ class MultimodalLM(nn.Module):
         if llm is None:
             llm, tokenizer = load_llm(settings["llm"], settings.get("dtype", "float32"),
                                       settings.get("trust_remote_code", False))
-        # a phase folder keeps the adapter in adapter/; a pushed revision has it at the root
-        adapter = folder / ADAPTER_DIR if (folder / ADAPTER_DIR).is_dir() else folder
-        peft_llm = PeftModel.from_pretrained(llm, str(adapter), is_trainable=is_trainable)
+        peft_llm = PeftModel.from_pretrained(llm, str(adapter_folder(folder)), is_trainable=is_trainable)
         media_dims = settings.pop("media_dims")
         modulator = settings.pop("media_modulator", None)
         model = cls(peft_llm, tokenizer, media_dims, settings.get("projector_hidden"), settings)

@@ -66,6 +66,7 @@ class MiclTrainer(Trainer):
         self.add_callback(HookCallback(self.methods, ctx, self.train_dataset))
         # after the methods' epoch ends (e.g. MoInCL's interpolation): it scores the weights they leave
         self.stateful = list(self.methods)  # objects with step_state(): saved with every checkpoint
+        self.early_stopping = early_stopping
         if early_stopping is not None:
             self.add_callback(early_stopping)
             self.stateful.append(early_stopping)
