@@ -14,23 +14,22 @@ import time
 from functools import cached_property
 
 import torch
-from transformers import set_seed
 
-from ..adapters import build_peft_config
 from ..config import RecipeConfig
 from ..data.collator import MultimodalCollator
 from ..data.orders import resolve_order
 from ..data.tasks import get_task, split_path
 from ..errors import ConfigError
 from ..methods import StepContext, build_methods
-from ..modeling.llm import load_llm
 from ..modeling.multimodal import MultimodalLM
 from ..modeling.prompting import PromptBuilder
-from ..run_folder import METHOD_STATE_FILE, METRICS_FILE, PREDICTIONS_FILE, RunFolder
-from ..utils.distributed import (barrier, deepspeed_zero_stage, gathered, init_distributed, is_main_process,
-                                 launch_device, main_process_first, plain_model_loading, world_size)
-from ..utils.io import atomic_write_json, safe_torch_load
+from ..run_folder import RunFolder
+from ..utils.distributed import (barrier, deepspeed_zero_stage, init_distributed, is_main_process, main_process_first,
+                                 world_size)
+from ..utils.io import atomic_write_json
 from . import trainer_factory
+from .model_factory import build_model
+from .phases import restore_phase, save_phase
 from .callbacks import run_callbacks
 from .early_stopping import EarlyStopping
 from .evaluation import evaluate_task
@@ -131,17 +130,7 @@ class ContinualRun:
     @property
     def model(self) -> MultimodalLM:
         if self._model is None:
-            cfg = self.config.model
-            set_seed(self.config.seed)
-            # the embedded LLM is converted and cached on first use; loaded whole (see plain_model_loading)
-            with main_process_first(), plain_model_loading():
-                llm, tokenizer = load_llm(cfg.llm, cfg.dtype, cfg.trust_remote_code, cfg.attn_implementation)
-            settings = {"llm": cfg.llm, "dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code,
-                        "projector_hidden": cfg.projector_hidden, "system_prompt": cfg.system_prompt,
-                        "encoders": {m: e.identity for m, e in self.data.encoders.items()}}
-            model = MultimodalLM.with_adapter(llm, tokenizer, self.data.media_dims(), build_peft_config(self.config.lora),
-                                              cfg.projector_hidden, settings)
-            self._model = model.to(launch_device())  # the evaluations before the first Trainer run there too
+            self._model = build_model(self.config, self.data)
             self.data.builder = self.builder
         return self._model
 
@@ -235,29 +224,11 @@ class ContinualRun:
 
     # ---- saving and resuming --------------------------------------------------------------------------
     def _save_phase(self, step: int, task, record: dict, predictions: dict) -> None:
-        """Every rank enters (gathering ZeRO-3 shards is collective); the main process writes."""
-        def write(folder) -> None:
-            self.model.save_pretrained(folder)
-            torch.save([m.state_dict() for m in self.methods], folder / METHOD_STATE_FILE)
-            with open(folder / PREDICTIONS_FILE, "w") as handle:
-                for task_name, rows in predictions.items():
-                    for row in rows:
-                        handle.write(json.dumps({"task": task_name, **row}) + "\n")
-            (folder / METRICS_FILE).write_text(json.dumps(record, indent=2))
-
-        with gathered(self.model.saved_parameters()):
-            if is_main_process():
-                self.folder.write_phase(step, task.name, write)
-        barrier()
+        save_phase(self.folder, step, task.name, self.model, self.methods, record, predictions)
 
     def _restore(self, finished: list[dict]) -> None:
         last = finished[-1]
-        folder = self.folder.phase_folder(last["step"], last["task"])
-        self.model.load_phase(folder)
-        states = safe_torch_load(folder / METHOD_STATE_FILE)
-        for method, state in zip(self.methods, states):
-            method.load_state_dict(state)
-        logger.info("restored %s", folder)
+        restore_phase(self.folder.phase_folder(last["step"], last["task"]), self.model, self.methods)
 
     def write_results(self) -> dict:
         """Main process: writes results.json and the report. The other ranks wait and read results.json."""
