@@ -45,6 +45,7 @@ from ..modeling.feature_store import STORE_DTYPES, FeatureStores, SampleFeatures
 from ..modeling.llm import cache_root, load_llm
 from ..modeling.multimodal import MultimodalLM
 from ..modeling.prompting import PromptBuilder
+from ..preflight import preflight
 from ..utils.distributed import (barrier, deepspeed_zero_stage, gathered, init_distributed, is_main_process,
                                  launch_device, main_process_first, plain_model_loading,
                                  training_arguments_kwargs, world_size)
@@ -258,11 +259,6 @@ class ContinualRun:
 
     def _training_args(self, step: int, dataset) -> TrainingArguments:
         train = self.config.train
-        from transformers.training_args import OptimizerNames
-
-        if train.optim not in {o.value for o in OptimizerNames}:
-            raise ConfigError(f"train.optim: unknown optimizer {train.optim!r}; valid: "
-                              f"{', '.join(o.value for o in OptimizerNames)}")
         return TrainingArguments(
             output_dir=str(self.out / ".checkpoints" / f"step_{step}"),
             per_device_train_batch_size=train.batch_size,
@@ -347,9 +343,6 @@ class ContinualRun:
         patience = self.config.train.early_stopping_patience
         if patience is None:
             return None
-        if deepspeed_zero_stage() == 3:
-            raise ConfigError("train.early_stopping_patience: not supported under DeepSpeed ZeRO-3 (the best "
-                              "epoch's weights would be shards); use ZeRO-2 or DDP")
         dataset = self.dataset(task, "val")
         if not len(dataset):
             raise ConfigError(f"train.early_stopping_patience: task {task.name} has no validation samples "
@@ -427,10 +420,10 @@ class ContinualRun:
         return results
 
     def run(self) -> dict:
+        preflight(self.config, self.source, zero_stage=deepspeed_zero_stage())  # before anything loads or is written
         if self.config.train.num_threads:
             torch.set_num_threads(self.config.train.num_threads)
         init_distributed(self.config.train.ddp_timeout)  # a no-op in a single process; docs/distributed.md
-        self._check_zero3_methods()
         self._check_or_write_run_config()
         barrier()
         with main_process_first():
@@ -449,17 +442,6 @@ class ContinualRun:
         for step in range(len(finished), len(self.tasks)):
             self._run_step(step, initial)
         return self._check_push(self.write_results())
-
-    def _check_zero3_methods(self) -> None:
-        """Under ZeRO-3 every rank must run the same forward passes and read weights only through gathers.
-        EWC (Fisher from autograd.grad of the partitioned weights) and replay (per-rank draws that can
-        touch another modality's projector on one rank only) do not; refused instead of a deadlock."""
-        if deepspeed_zero_stage() != 3:
-            return
-        unsupported = [m.name for m in self.methods if not m.supports_zero3]
-        if unsupported:
-            raise ConfigError(f"method {', '.join(unsupported)} is not supported under DeepSpeed ZeRO-3 (weights "
-                              f"partitioned across processes); use ZeRO-2 or DDP (docs/distributed.md)")
 
     def _push_to_hub(self) -> None:
         """Recipe `push_to_hub`: publish the finished phases not yet on the Hub (micl/hub.py). A failure is
