@@ -23,14 +23,20 @@ ZERO3_JSON = str(REPO / "recipes" / "deepspeed" / "zero3.json")
 
 @pytest.fixture
 def no_loading(monkeypatch, tmp_path):
-    """Building the LLM or the encoders fails the test; the feature cache is a fresh folder."""
+    """Starting processes, the process group, or building the LLM or the encoders fails the test; the feature
+    cache is a fresh folder."""
+    import micl.launch as launch
     import micl.training.loop as loop
 
-    def loaded(*args, **kwargs):
-        raise AssertionError("a model was loaded before the error")
+    def tripwire(what):
+        def reached(*args, **kwargs):
+            raise AssertionError(f"{what} before the error")
+        return reached
 
-    monkeypatch.setattr(loop, "load_llm", loaded)
-    monkeypatch.setattr(loop, "build_encoders", loaded)
+    monkeypatch.setattr(launch, "launch_command", tripwire("processes were launched"))
+    monkeypatch.setattr(loop, "init_distributed", tripwire("the run started"))
+    monkeypatch.setattr(loop, "load_llm", tripwire("the LLM was loaded"))
+    monkeypatch.setattr(loop, "build_encoders", tripwire("the encoders were built"))
     monkeypatch.setenv("MICL_CACHE_DIR", str(tmp_path / "cache"))
     for key in ("WORLD_SIZE", "LOCAL_RANK", "RANK", "MICL_LAUNCHED", "ACCELERATE_USE_DEEPSPEED",
                 "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
