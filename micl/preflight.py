@@ -208,12 +208,16 @@ def check_templates(plan: Plan) -> None:
 
 def check_task_files(plan: Plan) -> None:
     """Every split a real task needs exists, validates (schema, task, ids, media paths inside the data root)
-    and has samples. Synthetic tasks (synth_*) are generated on first use."""
+    and has samples. Synthetic tasks (synth_*) are generated on first use: their split sizes must be >= 1."""
     from .data.tasks import how_to_write, load_task_split, split_path
 
-    root = plan.config.data.root
+    data = plan.config.data
+    root = data.root
     for task in plan.tasks:
         if task.name.startswith("synth_"):
+            for split in plan.needed_splits():
+                if getattr(data, f"synth_{split}") < 1:
+                    raise plan.error(f"'data.synth_{split}' must be >= 1: the run reads split {split} of {task.name}")
             continue
         for split in plan.needed_splits():
             path = split_path(root, task.name, split)

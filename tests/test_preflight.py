@@ -264,6 +264,12 @@ def test_missing_task_files_name_the_file_and_the_command(no_loading, tmp_path, 
     preflight(load_recipe(RECIPE, [*base(tmp_path), "order=[okvqa]"]), RECIPE)  # train + test are enough
 
 
+def test_synthetic_splits_the_run_reads_are_not_empty(no_loading, tmp_path, capsys):
+    line = refused(capsys, tmp_path, "data.synth_val=0", "train.early_stopping_patience=1")
+    assert "'data.synth_val' must be >= 1: the run reads split val of synth_image_qa" in line
+    preflight(load_recipe(RECIPE, [*base(tmp_path), "data.synth_val=0"]), RECIPE)  # val is not read
+
+
 def test_a_missing_split_file_names_the_command_that_writes_it(tmp_path):
     from micl.data.tasks import load_task_split
 
