@@ -26,7 +26,7 @@ order the prompt shows them.
 from __future__ import annotations
 
 import posixpath
-from pathlib import PureWindowsPath
+import re
 from typing import Any, Iterable, Mapping
 
 from micl.errors import DataError
@@ -62,13 +62,15 @@ def media_streams(row: Mapping) -> list[tuple[str, str]]:
     return [(stream, paths[stream]) for stream in STREAMS[row["modality"]]]
 
 
+_DRIVE = re.compile(r"[A-Za-z]:")  # C:/... is absolute on Windows
+
+
 def inside_root(path: str) -> bool:
     """A relative path that stays inside the folder it is relative to (no leading /, no escaping '..').
     Decided on the text alone: a dataset file from elsewhere must not make micl read files outside the data
     root, whatever exists on this machine."""
     normal = posixpath.normpath(path.replace("\\", "/"))
-    return not (posixpath.isabs(normal) or PureWindowsPath(path).drive or normal == ".."
-                or normal.startswith("../"))
+    return not (normal.startswith("/") or _DRIVE.match(normal) or normal == ".." or normal.startswith("../"))
 
 
 def validate_sample(row: Any, source: str) -> dict:
