@@ -4,7 +4,8 @@ becomes `accelerate launch --config_file <config> --num_processes N -m micl trai
 The built-in configs are recipes/accelerate/<name>.yaml (packaged under micl/resources). Their DeepSpeed
 JSONs are named by paths relative to the repository root; the launcher gets a copy of the config with that
 path made absolute, so a launch works from any directory. Under a launcher already (`accelerate launch`,
-`torchrun`, or the processes started here) the section is ignored: nothing is started twice.
+`torchrun`, or the processes started here) the section is ignored: nothing is started twice. Before it starts
+them, the recipe passes the preflight (micl/preflight.py) with the ZeRO stage of the config (`zero_stage`).
 """
 
 from __future__ import annotations
