@@ -138,6 +138,15 @@ def test_zero_stage_of_the_launch_configs():
     stages = {name: zero_stage(resolved_config(name, "recipe")[1]) for name in ("cpu", "ddp", "zero2", "zero3",
                                                                               "zero3_offload")}
     assert stages == {"cpu": None, "ddp": None, "zero2": 2, "zero3": 3, "zero3_offload": 3}
+    # an accelerate config with its DeepSpeed settings inline (no JSON)
+    assert zero_stage({"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 3}}) == 3
+
+
+def test_zero3_launch_section_of_a_recipe_file(no_loading, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: replay\nlaunch:\n  config: zero3\n  num_processes: 2\n")
+    line = refused(capsys, tmp_path, recipe=str(recipe))
+    assert line.startswith(f"micl: error: {recipe}: method replay is not supported under DeepSpeed ZeRO-3")
 
 
 @pytest.mark.parametrize("overrides, expected", [
