@@ -97,7 +97,7 @@ def how_to_write(data_root, task: str) -> str:
     if task in CONVERTERS:
         return (f"`micl data prepare {task} --root <the downloaded {task} dataset> --out {data_root}` writes it "
                 f"(docs/reproducing_moincl.md)")
-    return f"write it in micl's dataset schema (micl/data/schema.py), or check data.root"
+    return "write it in micl's dataset schema (micl/data/schema.py), or check data.root"
 
 
 def _order_key(row_id: str) -> str:
@@ -119,7 +119,8 @@ def load_task_split(data_root, task: str, split: str, max_samples: int | None = 
         raise DataError(f"max_samples must be a non-negative integer or None, got {max_samples!r}")
     path = split_path(data_root, task, split)
     if not path.is_file():
-        raise DataError(f"{path}: split file not found (task {task!r}, split {split!r}); {how_to_write(data_root, task)}")
+        raise DataError(f"{path}: split file not found (task {task!r}, split {split!r}); "
+                        f"{how_to_write(data_root, task)}")
     rows: list[dict] = []
     seen: dict[str, int] = {}
     with open(path, encoding="utf-8") as f:
