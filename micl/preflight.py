@@ -67,7 +67,8 @@ def check_values(plan: Plan) -> None:
 
 def check_tuner_keys(plan: Plan) -> None:
     """A setting of another tuner than `lora.type` (e.g. lora.num_experts under lora.type: lora) would be
-    ignored: refused when the recipe sets it, even at its default value."""
+    ignored: refused when the recipe sets it, even at its default value (a config built in code, without
+    `given_keys`: when it differs from the default)."""
     lora = plan.config.lora
     given = {key.removeprefix("lora.") for key in plan.config.given_keys if key.startswith("lora.")}
     for f in dataclasses.fields(LoraArgs):
