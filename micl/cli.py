@@ -13,6 +13,7 @@ import os
 import sys
 
 from .errors import ConfigError, MiclError
+from .utils import progress
 
 
 def _train(args) -> int:
@@ -22,7 +23,7 @@ def _train(args) -> int:
     config = load_recipe(args.recipe, args.overrides)
     if launch_requested(config):  # the recipe's `launch` section: start the processes (micl/launch.py)
         micl_args = [*(["-v"] if args.verbose else []), "train", args.recipe, *args.overrides]
-        return run_launch(config.launch, args.recipe, micl_args)
+        return run_launch(config, args.recipe, micl_args)
     if config.launch.config is not None and already_launched() and os.environ.get("RANK", "0") == "0":
         logging.getLogger("micl").info("launch.config %r ignored: already running under a launcher",
                                        config.launch.config)
@@ -185,9 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("micl").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    progress.start_command()
     try:
         return args.func(args)
     except MiclError as err:
+        progress.end_bars(sys.stderr)  # the error starts a line of its own, not the end of a progress bar's
         print(f"micl: error: {err}", file=sys.stderr)
         return 2
 

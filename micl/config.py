@@ -7,25 +7,31 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from .errors import ConfigError
+from .utils.io import yaml_error_line
 
 FEATURE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
 class ModelArgs:
-    llm: str = field(default="smollm2-135m-instruct", metadata={"help": "embedded name, Hub id or local folder"})
-    image_encoder: str = field(default="efficientnet-lite0", metadata={"help": "embedded name, Hub id or folder"})
-    audio_encoder: str = field(default="whisper-tiny.en", metadata={"help": "embedded name, Hub id or folder"})
-    video_encoder: str | None = field(default=None, metadata={"help": "frame encoder; null = image_encoder"})
+    llm: str = field(default="smollm2-135m-instruct", metadata={"help": "embedded name, Hub id or local folder",
+                                                                "path": True})
+    image_encoder: str = field(default="efficientnet-lite0", metadata={"help": "embedded name, Hub id or folder",
+                                                                       "path": True})
+    audio_encoder: str = field(default="whisper-tiny.en", metadata={"help": "embedded name, Hub id or folder",
+                                                                    "path": True})
+    video_encoder: str | None = field(default=None, metadata={"help": "frame encoder; null = image_encoder",
+                                                              "path": True})
     image_tokens: int = field(default=9, metadata={"help": "pooled media tokens per image (a square number)"})
     audio_tokens: int = field(default=8, metadata={"help": "pooled media tokens per audio clip"})
     video_frames: int = field(default=4, metadata={"help": "frames sampled per video"})
@@ -52,17 +58,18 @@ class LoraArgs:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    # moe_lora only
-    num_experts: int = field(default=10, metadata={"help": "moe_lora: LoRA experts per adapted module"})
-    top_k: int = field(default=2, metadata={"help": "moe_lora: experts routed to per token (or sample)"})
-    routing: str = field(default="token", metadata={"choices": ["token", "sample"], "help": "moe_lora: routing unit"})
-    # gated_lora only
-    gate_init: float = field(default=0.5, metadata={"help": "gated_lora: omega = sigmoid(gate) at initialisation, in (0, 1)"})
+    # settings of one tuner only (`tuner`): refused under another lora.type (micl/preflight.py)
+    num_experts: int = field(default=10, metadata={"tuner": "moe_lora", "help": "LoRA experts per adapted module"})
+    top_k: int = field(default=2, metadata={"tuner": "moe_lora", "help": "experts routed to per token (or sample)"})
+    routing: str = field(default="token", metadata={"tuner": "moe_lora", "choices": ["token", "sample"],
+                                                    "help": "routing unit"})
+    gate_init: float = field(default=0.5, metadata={"tuner": "gated_lora",
+                                                    "help": "omega = sigmoid(gate) at initialisation, in (0, 1)"})
 
 
 @dataclass
 class DataArgs:
-    root: str = field(default="data/synth", metadata={"help": "dataset root (jsonl per task and split)"})
+    root: str = field(default="data/synth", metadata={"help": "dataset root (jsonl per task and split)", "path": True})
     synth_seed: int = field(default=0, metadata={"help": "seed of micl-synth, generated on first use"})
     synth_train: int = 64
     synth_val: int = 16
@@ -70,7 +77,8 @@ class DataArgs:
     max_train_samples: int | None = field(default=None, metadata={"help": "cap per task; null = all"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "cap per task; null = all"})
     eval_split: str = field(default="test", metadata={"choices": ["train", "val", "test"]})
-    templates: str | None = field(default=None, metadata={"help": "prompt templates YAML; null = prompts/"})
+    templates: str | None = field(default=None, metadata={"help": "prompt templates YAML; null = prompts/",
+                                                          "path": True})
 
 
 @dataclass
@@ -128,7 +136,10 @@ class LaunchArgs:
 
 @dataclass
 class RecipeConfig:
-    output_dir: str = "runs/finetune"
+    #: the dotted keys the recipe file and the overrides set (`load_recipe`), defaults left out
+    given_keys: ClassVar[frozenset[str]] = frozenset()
+
+    output_dir: str = field(default="runs/finetune", metadata={"path": True})
     order: Any = field(default="order1", metadata={"help": "name in eval/orders.yaml or a list of task names"})
     seed: int = 0
     method: Any = field(default="finetune", metadata={"help": "method name or list of names (hooks compose)"})
@@ -239,7 +250,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: cannot parse the value: {err}") from err
+        raise ConfigError(f"override {text!r}: cannot parse the value: {yaml_error_line(err)}") from None
     return key.strip().split("."), value
 
 
@@ -265,13 +276,36 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeC
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        raise ConfigError(f"{path}: not valid YAML: {yaml_error_line(err)}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(values).__name__}")
     values = apply_overrides(values, list(overrides or []))
     config = build_dataclass(RecipeConfig, values, str(path))
+    expand_home(config)
+    config.given_keys = frozenset(_dotted_keys(values, RecipeConfig))
     validate(config, str(path))
     return config
+
+
+def _dotted_keys(values: dict, cls, prefix: str = ""):
+    """The keys of `values` (a mapping `build_dataclass` accepted), sections' keys as section.key."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            yield from _dotted_keys(value, hints[key], f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def expand_home(config) -> None:
+    """A leading ~ of the path settings (`path` metadata) becomes the home folder: the loaders
+    (transformers, pathlib) would take it literally."""
+    for section in (config, *(getattr(config, f.name) for f in dataclasses.fields(config)
+                              if dataclasses.is_dataclass(getattr(config, f.name)))):
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if f.metadata.get("path") and isinstance(value, str) and value.startswith("~"):
+                setattr(section, f.name, os.path.expanduser(value))
 
 
 def validate(config: RecipeConfig, source: str) -> None:
@@ -291,6 +325,13 @@ def validate(config: RecipeConfig, source: str) -> None:
          config.train.early_stopping_patience is None or config.train.early_stopping_patience >= 1,
          "null or an integer >= 1"),
         ("train.dataloader_num_workers", config.train.dataloader_num_workers >= 0, "an integer >= 0"),
+        ("train.logging_steps", config.train.logging_steps >= 1, "an integer >= 1"),
+        ("train.weight_decay", config.train.weight_decay >= 0, "a number >= 0"),
+        ("train.num_threads", config.train.num_threads is None or config.train.num_threads >= 1,
+         "null or an integer >= 1"),
+        ("eval.repetition_penalty", config.eval.repetition_penalty > 0, "a positive number"),
+        ("model.projector_hidden", config.model.projector_hidden is None or config.model.projector_hidden >= 1,
+         "null or an integer >= 1"),
         ("eval.batch_size", config.eval.batch_size >= 1, "an integer >= 1"),
         ("eval.max_new_tokens", config.eval.max_new_tokens >= 1, "an integer >= 1"),
         ("eval.num_beams", config.eval.num_beams >= 1, "an integer >= 1"),
@@ -342,7 +383,7 @@ def _validate_launch(launch: LaunchArgs, source: str) -> None:
 def _is_hub_repo(text: str) -> bool:
     from .hub import is_repo_id
 
-    return is_repo_id(text) or is_repo_id(f"owner/{text}")
+    return is_repo_id(text)
 
 
 def _is_square(n: int) -> bool:

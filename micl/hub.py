@@ -349,6 +349,8 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, token: st
     from huggingface_hub import HfApi
     from huggingface_hub.utils import get_token
 
+    if not is_repo_id(repo_id):
+        raise MiclError(f"--repo {repo_id!r}: expected OWNER/NAME (letters, digits, '.', '_', '-')")
     run_dir = Path(run_dir)
     phases = finished_phases(run_dir)
     if not phases:
@@ -359,10 +361,6 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, token: st
     api = HfApi(endpoint=endpoint, token=token)
     retry = _Retrier(RETRY_ATTEMPTS if attempts is None else attempts,
                      RETRY_BASE_S if backoff_s is None else backoff_s)
-    if "/" not in repo_id:
-        repo_id = f"{retry('whoami', lambda: api.whoami())['name']}/{repo_id}"
-    if not is_repo_id(repo_id):
-        raise MiclError(f"--repo {repo_id!r}: expected OWNER/NAME (letters, digits, '.', '_', '-')")
     shown_endpoint = _public_endpoint(api.endpoint)
     state = load_state(run_dir, repo_id, shown_endpoint)
     state["private"] = bool(private)

@@ -4,11 +4,13 @@ becomes `accelerate launch --config_file <config> --num_processes N -m micl trai
 The built-in configs are recipes/accelerate/<name>.yaml (packaged under micl/resources). Their DeepSpeed
 JSONs are named by paths relative to the repository root; the launcher gets a copy of the config with that
 path made absolute, so a launch works from any directory. Under a launcher already (`accelerate launch`,
-`torchrun`, or the processes started here) the section is ignored: nothing is started twice.
+`torchrun`, or the processes started here) the section is ignored: nothing is started twice. Before it starts
+them, the recipe passes the preflight (micl/preflight.py) with the ZeRO stage of the config (`zero_stage`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -83,6 +85,23 @@ def resolved_config(name: str, source: str) -> tuple[Path, dict, bool]:
     return path, settings, rewrite
 
 
+def zero_stage(settings: dict) -> int | None:
+    """The DeepSpeed ZeRO stage of a resolved accelerate config (None without DeepSpeed): its JSON's
+    zero_optimization.stage, else the config's own zero_stage."""
+    if str(settings.get("distributed_type", "")).upper() != "DEEPSPEED":
+        return None
+    deepspeed = settings.get("deepspeed_config") or {}
+    path = deepspeed.get("deepspeed_config_file")
+    if path:
+        try:
+            stage = json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{path}: cannot read the DeepSpeed config ({err})") from None
+        return int(stage)
+    stage = deepspeed.get("zero_stage")
+    return int(stage) if stage is not None else None
+
+
 def process_count(launch, settings: dict) -> int:
     """`launch.num_processes`; null: one per visible GPU, without GPUs the accelerate config's count."""
     if launch.num_processes is not None:
@@ -102,10 +121,15 @@ def launch_command(config_file: str, processes: int, port: int | None, micl_args
     return [*command, "-m", "micl", *micl_args]
 
 
-def run_launch(launch, source: str, micl_args: list[str]) -> int:
-    """Starts the processes (own process group; SIGINT/SIGTERM are passed on to all of them) and returns the
-    launcher's exit code (128 + N when it was killed by signal N)."""
+def run_launch(config, source: str, micl_args: list[str]) -> int:
+    """Checks the recipe for the launch (micl/preflight.py, with the config's ZeRO stage), starts the processes
+    (own process group; SIGINT/SIGTERM are passed on to all of them) and returns the launcher's exit code
+    (128 + N when it was killed by signal N)."""
+    from .preflight import preflight
+
+    launch = config.launch
     path, settings, rewritten = resolved_config(launch.config, source)
+    preflight(config, source, zero_stage=zero_stage(settings))
     processes = process_count(launch, settings)
     written = None
     if rewritten:

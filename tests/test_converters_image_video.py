@@ -95,7 +95,7 @@ def test_flickr30k_karpathy(tmp_path, capsys):
     assert train["1001#3"]["target"] == "1001 caption 3 ."
     assert train["1001#3"]["references"] == [CAPS["1001"][k] for k in (0, 1, 3, 4)]
     assert train["1002#4"]["references"] == CAPS["1002"]
-    assert train["1002#4"]["media"] == "../flickr30k/flickr30k-images/1002.jpg"
+    assert train["1002#4"]["media"] == "flickr30k/media/flickr30k-images/1002.jpg"
     assert rows["val"][1]["id"] == "1009" and rows["val"][1]["target"] == "1009 b"  # the first non-empty one
     assert rows["val"][1]["references"] == CAPS["1009"][1:]
     for row, name in ((rows["val"][0], "1003"), (rows["test"][0], "1004")):
@@ -249,14 +249,14 @@ def test_okvqa(tmp_path, capsys):
     assert val["id"] == str(ids["val_a"]) and val["instruction"] == "What is the hairstyle called?"
     assert val["target"] == "ponytail"  # a tie between 'ponytail' and 'pony tail': the first in annotation order
     assert val["references"] == TIE  # all ten, duplicates kept
-    assert val["media"] == "../okvqa/train2014/COCO_train2014_000000000011.jpg"
+    assert val["media"] == "okvqa/media/train2014/COCO_train2014_000000000011.jpg"
     train = {r["id"]: r for r in rows["train"]}
     assert list(train) == [str(ids["tr_a"]), str(ids["tr_b"])]
     assert train[str(ids["tr_a"])]["target"] == "dog" and train[str(ids["tr_a"])]["references"] == MAJORITY
     assert [r["id"] for r in rows["test"]] == ["42001", "42002"]
     assert rows["test"][0]["references"] == ["pizza"] * 7 + ["food"] * 3 and rows["test"][0]["target"] == "pizza"
     assert rows["test"][1]["references"] == ["tennis"] * 9  # the empty answer is not a reference
-    assert rows["test"][1]["media"] == "../okvqa/COCO_val2014_000000000073.jpg"
+    assert rows["test"][1]["media"] == "okvqa/media/okvqa/COCO_val2014_000000000073.jpg"
     assert all(r["task_type"] == "qa" and r["modality"] == "image" for s in rows.values() for r in s)
 
     rc, lines, err = prepare_cli(capsys, "okvqa", root, out, "val_fraction=0")
@@ -328,13 +328,13 @@ def test_msrvtt(tmp_path, capsys):
     assert [(r["id"], r["target"]) for r in rows["train"]] == [("video0#0", "a man is cooking"),
                                                                ("video0#2", "someone cooks food")]
     assert rows["train"][0]["references"] == ["a man is cooking", "someone cooks food"]
-    assert rows["train"][0]["media"] == "../msrvtt/TrainValVideo/video0.mp4"
+    assert rows["train"][0]["media"] == "msrvtt/media/TrainValVideo/video0.mp4"
     (val,) = rows["val"]  # validate -> val
     assert val["id"] == "video2" and val["target"] == "a dog runs"
     assert val["references"] == ["a dog runs", "a dog is running in a park"]
     assert [(r["id"], r["target"], r["references"]) for r in rows["test"]] == [
         ("video5", "a song", ["a song", "a band plays"]), ("video6", "people dance", ["people dance"])]
-    assert rows["test"][0]["media"] == "../msrvtt/TestVideo/video5.mp4"
+    assert rows["test"][0]["media"] == "msrvtt/media/TestVideo/video5.mp4"
     assert all(r["modality"] == "video" and r["instruction"] == "" for s in rows.values() for r in s)
 
     rc, lines, err = prepare_cli(capsys, "msrvtt", root, out)
@@ -348,13 +348,13 @@ def test_msrvtt_other_layouts_and_errors(tmp_path, capsys):
     report = prepare_dataset("msrvtt", root, out)
     assert report.counts == {"train": 2, "val": 1, "test": 2}
     rows = _load(out, "msrvtt")
-    assert rows["test"][1]["media"] == "../msrvtt/videos/all/video6.mp4"
+    assert rows["test"][1]["media"] == "msrvtt/media/all/video6.mp4"
 
     shutil.move(str(root / "videos" / "all"), str(root / "clips"))
     rc, lines, err = prepare_cli(capsys, "msrvtt", root, out, "videos=clips")
     assert rc == 0, err
     assert lines[-1].startswith("msrvtt: train 2, val 1, test 2")
-    assert _load(out, "msrvtt")["val"][0]["media"] == "../msrvtt/clips/video2.mp4"
+    assert _load(out, "msrvtt")["val"][0]["media"] == "msrvtt/media/clips/video2.mp4"
     rc, _, err = prepare_cli(capsys, "msrvtt", root, out, "videos=nowhere")
     assert rc == 2 and "videos='nowhere'" in err
     with pytest.raises(ConfigError, match="unknown option.*fps"):

@@ -94,15 +94,15 @@ def test_patience_must_be_positive(tmp_path):
         load_recipe(RECIPE, ["train.early_stopping_patience=0"])
 
 
-def test_refused_under_zero3(tiny_models, synth_root, tmp_path, monkeypatch):
-    import micl.training.loop as loop
-    from micl.data.tasks import get_task
+def test_refused_under_zero3(tiny_models, synth_root, tmp_path):
+    """By the preflight, before anything runs (tests/test_preflight.py runs it through `micl train`)."""
+    from micl.preflight import preflight
 
     config = load_recipe(RECIPE, [*tiny_recipe_overrides(tiny_models, synth_root, tmp_path / "run"),
                                   "train.early_stopping_patience=2"])
-    monkeypatch.setattr(loop, "deepspeed_zero_stage", lambda: 3)
-    with pytest.raises(ConfigError, match="train.early_stopping_patience: not supported under DeepSpeed ZeRO-3"):
-        loop.ContinualRun(config)._early_stopping(get_task("synth_image_qa"))
+    preflight(config, RECIPE, zero_stage=2)
+    with pytest.raises(ConfigError, match="'train.early_stopping_patience' is not supported under DeepSpeed ZeRO-3"):
+        preflight(config, RECIPE, zero_stage=3)
 
 
 def test_killed_mid_epoch_resumes_with_the_scores_so_far(tiny_models, synth_root, tmp_path, monkeypatch):

@@ -290,7 +290,7 @@ def test_composes_with_replay_and_moincl(tiny_models, synth_root, tmp_path):
     ("method_args.harmony.lambda_g=1.5", "method_args.harmony.lambda_g must be in [0, 1]"),
     ("method_args.harmony.component_scales=[1.0]", "method_args.harmony.component_scales needs 3 positive values"),
     ("method_args.harmony.gamma=1", "gamma"),
-    ("lora.gate_init=1.0", "lora.gate_init must be in (0, 1)"),
+    ("lora.gate_init=1.0", "'lora.gate_init' must be in (0, 1)"),
 ])
 def test_bad_settings_are_clear_errors(tiny_models, synth_root, tmp_path, capsys, override, message):
     assert run(tiny_models, synth_root, tmp_path / "run", "order=[synth_image_caption]", override) == 2

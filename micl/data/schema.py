@@ -7,7 +7,7 @@ One sample is one row of a ``datasets.Dataset`` (or one JSON object per line of 
     task        str        registered task name (``micl.data.tasks``)
     modality    str        one of MODALITIES; ``audio_video`` = a video together with a sound
     task_type   str        one of TASK_TYPES
-    media       str        path of the media file, relative to the dataset root
+    media       str        path of the media file, relative to the dataset root and inside it
                            (empty string for text-only samples; the video for ``audio_video``)
     instruction str        QA: the question; captioning: "" (the prompt comes from
                            ``prompts/templates.yaml``)
@@ -25,6 +25,8 @@ order the prompt shows them.
 
 from __future__ import annotations
 
+import posixpath
+import re
 from typing import Any, Iterable, Mapping
 
 from micl.errors import DataError
@@ -58,6 +60,17 @@ def media_streams(row: Mapping) -> list[tuple[str, str]]:
     if row["modality"] == "audio_video":
         paths["audio"] = row.get("audio") or row["media"]
     return [(stream, paths[stream]) for stream in STREAMS[row["modality"]]]
+
+
+_DRIVE = re.compile(r"[A-Za-z]:")  # C:/... is absolute on Windows
+
+
+def inside_root(path: str) -> bool:
+    """A relative path that stays inside the folder it is relative to (no leading /, no escaping '..').
+    Decided on the text alone: a dataset file from elsewhere must not make micl read files outside the data
+    root, whatever exists on this machine."""
+    normal = posixpath.normpath(path.replace("\\", "/"))
+    return not (normal.startswith("/") or _DRIVE.match(normal) or normal == ".." or normal.startswith("../"))
 
 
 def validate_sample(row: Any, source: str) -> dict:
@@ -98,6 +111,10 @@ def validate_sample(row: Any, source: str) -> dict:
                         f"(valid: {', '.join(TASK_TYPES)})")
     if row["modality"] != "text" and not row["media"].strip():
         raise DataError(f"{where}: empty media path for a {row['modality']} sample")
+    for key in ("media", "audio"):
+        if row[key] and not inside_root(row[key]):
+            raise DataError(f"{where}: {key} path {row[key]!r} leaves the data root (media paths are relative to "
+                            f"the data root and stay inside it)")
     if row["task_type"] == "qa" and not row["instruction"].strip():
         raise DataError(f"{where}: empty instruction (a QA sample needs its question there)")
     if not row["target"].strip():

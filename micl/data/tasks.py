@@ -88,6 +88,18 @@ def split_path(data_root, task: str, split: str) -> Path:
     return Path(data_root) / task / f"{split}.jsonl"
 
 
+def how_to_write(data_root, task: str) -> str:
+    """The command that writes a task's split files into `data_root`."""
+    from micl.data.converters import CONVERTERS
+
+    if task.startswith("synth_"):
+        return f"`micl data synth --out {data_root}` writes it (`micl train` does on first use)"
+    if task in CONVERTERS:
+        return (f"`micl data prepare {task} --root <the downloaded {task} dataset> --out {data_root}` writes it "
+                f"(docs/reproducing_moincl.md)")
+    return "write it in micl's dataset schema (micl/data/schema.py), or check data.root"
+
+
 def _order_key(row_id: str) -> str:
     # A fixed pseudo-random order: subsets are representative even when the file is
     # sorted by answer, and every max_samples subset contains the smaller ones.
@@ -107,9 +119,8 @@ def load_task_split(data_root, task: str, split: str, max_samples: int | None = 
         raise DataError(f"max_samples must be a non-negative integer or None, got {max_samples!r}")
     path = split_path(data_root, task, split)
     if not path.is_file():
-        raise DataError(f"{path}: split file not found (task {task!r}, split {split!r}; "
-                        f"generate the synthetic data with micl.data.synth.generate_synth "
-                        f"or check the data root)")
+        raise DataError(f"{path}: split file not found (task {task!r}, split {split!r}); "
+                        f"{how_to_write(data_root, task)}")
     rows: list[dict] = []
     seen: dict[str, int] = {}
     with open(path, encoding="utf-8") as f:

@@ -239,13 +239,8 @@ class Harmony(ContinualMethod):
 
     # ---- hooks -------------------------------------------------------------------------------------------
     def on_task_start(self, ctx: StepContext) -> None:
-        from ..utils.distributed import is_partitioned
-
         model = unwrap_model(ctx.model)
         self._adapter(model)
-        if any(is_partitioned(p) for p in model.parameters()):
-            raise ConfigError("method 'harmony' is not supported under DeepSpeed ZeRO-3 (it merges the adapter "
-                              "into partitioned base weights); use ZeRO-2 or DDP")
         modulator = model.media_modulator
         if modulator is None:
             a = self.args

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import MediaError, MiclError
 from ..utils.distributed import (all_processes_agree, barrier, is_main_process, local_rank, local_world_size)
 from ..utils.io import atomic_write_json
+from ..utils.progress import progress_bar
 from .encoders.registry import MediaEncoder
 
 FORMAT = 1
@@ -320,8 +320,8 @@ class FeatureStores:
         fd = os.open(folder / PARTIAL, os.O_WRONLY)
         try:
             with ThreadPoolExecutor(LOADER_THREADS) as pool, \
-                    tqdm(total=len(share), desc=desc or f"encoding {encoder.modality}", unit="item", leave=False,
-                         disable=not show) as bar:
+                    progress_bar(total=len(share), desc=desc or f"encoding {encoder.modality}", unit="item",
+                                 leave=False, disable=not show) as bar:
                 load = lambda batch: [pool.submit(encoder.load, item_paths[i]) for i in batch]  # noqa: E731
                 pending = load(batches[0]) if batches else []
                 for k, batch in enumerate(batches):

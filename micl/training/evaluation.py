@@ -10,11 +10,11 @@ the same number of generate calls.
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data.collator import MultimodalCollator
 from ..evaluation.scoring import score_task
 from ..utils.distributed import is_main_process, is_partitioned, map_sharded
+from ..utils.progress import progress_bar
 
 
 def batch_indices(size: int, batch_size: int) -> list[list[int]]:
@@ -35,7 +35,7 @@ def generate_predictions(model, dataset, eval_args, desc: str = "generating", sh
     jobs = batch_indices(len(dataset), eval_args.batch_size)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(jobs), desc=desc, unit="batch", leave=False, disable=not is_main_process())
+    bar = progress_bar(total=len(jobs), desc=desc, unit="batch", leave=False, disable=not is_main_process())
 
     def run(indices: list[int]) -> list[str]:
         batch = collator([dataset[i] for i in indices])

@@ -23,6 +23,7 @@ from ..errors import ConfigError
 from ..methods import StepContext, build_methods
 from ..modeling.multimodal import MultimodalLM
 from ..modeling.prompting import PromptBuilder
+from ..preflight import preflight
 from ..run_folder import RunFolder
 from ..utils.distributed import (barrier, deepspeed_zero_stage, init_distributed, is_main_process, main_process_first,
                                  world_size)
@@ -77,10 +78,10 @@ class ContinualRun:
         return results
 
     def _setup(self) -> None:
+        preflight(self.config, self.source, zero_stage=deepspeed_zero_stage())  # before anything loads or is written
         if self.config.train.num_threads:
             torch.set_num_threads(self.config.train.num_threads)
         init_distributed(self.config.train.ddp_timeout)  # a no-op in a single process; docs/distributed.md
-        self._check_zero3_methods()
         resolved = {**self.config.to_dict(), "order": [t.name for t in self.tasks]}
         check_or_write(self.folder, resolved, write=is_main_process())
         barrier()
@@ -146,16 +147,6 @@ class ContinualRun:
     def feature_stores(self):
         return self.data.feature_stores
 
-    def _check_zero3_methods(self) -> None:
-        """Under ZeRO-3 every rank must run the same forward passes and read weights only through gathers;
-        methods that declare `supports_zero3 = False` do not, and are refused instead of a deadlock."""
-        if deepspeed_zero_stage() != 3:
-            return
-        unsupported = [m.name for m in self.methods if not m.supports_zero3]
-        if unsupported:
-            raise ConfigError(f"method {', '.join(unsupported)} is not supported under DeepSpeed ZeRO-3 (weights "
-                              f"partitioned across processes); use ZeRO-2 or DDP (docs/distributed.md)")
-
     # ---- steps ----------------------------------------------------------------------------------------
     def finished_steps(self) -> list[dict]:
         return self.folder.finished_records([t.name for t in self.tasks])
@@ -188,9 +179,6 @@ class ContinualRun:
         patience = self.config.train.early_stopping_patience
         if patience is None:
             return None
-        if deepspeed_zero_stage() == 3:
-            raise ConfigError("train.early_stopping_patience: not supported under DeepSpeed ZeRO-3 (the best "
-                              "epoch's weights would be shards); use ZeRO-2 or DDP")
         dataset = self.dataset(task, "val")
         if not len(dataset):
             raise ConfigError(f"train.early_stopping_patience: task {task.name} has no validation samples "

@@ -11,7 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "json_default"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "json_default", "read_yaml_mapping",
+           "yaml_error_line"]
 
 
 def _default_mode() -> int:
@@ -88,7 +89,7 @@ def read_yaml_mapping(path: str | os.PathLike, expected: str) -> dict:
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML ({e})") from None
+        raise ConfigError(f"{p}: invalid YAML: {yaml_error_line(e)}") from None
     if not isinstance(data, dict) or not data:
         raise ConfigError(f"{p}: expected {expected}")
     return data
@@ -108,3 +109,13 @@ def safe_torch_load(path):
     except pickle.UnpicklingError as err:
         raise MiclError(f"{path}: holds objects other than tensors, numbers, strings, lists and dicts; refusing "
                         f"to load it ({str(err).splitlines()[0][:120]})") from err
+
+
+def yaml_error_line(err) -> str:
+    """A YAML parser error on one line: `line L, column C: problem` (PyYAML's own text spans several lines,
+    with a copy of the offending line)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    context = getattr(err, "context", None)
+    text = f"{problem} ({context})" if context else problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {text}" if mark is not None else text
