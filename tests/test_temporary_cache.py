@@ -24,7 +24,8 @@ def test_the_micl_cache_is_the_sessions_temporary_folder(micl_cache, tmp_path_fa
                                    tiny_recipe_overrides(tiny_models, synth_root, tmp_path / "run")))
     assert run.feature_stores.root.resolve().is_relative_to(micl_cache.resolve())
 
-    child = subprocess.run([sys.executable, "-c", "from micl.modeling.llm import cache_root; print(cache_root())"],
-                           env=_env(), capture_output=True, text=True, timeout=120)
+    # what the launched processes of the distributed and launch tests get (cache_root() reads only this variable)
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.environ['MICL_CACHE_DIR'])"],
+                           env=_env(), capture_output=True, text=True, timeout=60)
     assert child.returncode == 0, child.stderr[-2000:]
     assert Path(child.stdout.strip()).resolve() == micl_cache.resolve()

@@ -44,6 +44,7 @@ class ClapAudioTower(MediaEncoder):
         self.fusion = bool(getattr(audio, "enable_fusion", False))
         self.output_dim = int(audio.patch_embeds_hidden_size * 2 ** (len(audio.depths) - 1))
         self.identity = f"audio|{name_or_path}|clap-freqmean|time{tokens}"
+        self.feature_extractor  # read now: a folder without one fails at setup, not at its first task
 
     def weight_locations(self) -> list:
         return [self.hub.weights_location()]
@@ -114,6 +115,7 @@ class HFAudioEncoder(MediaEncoder):
         self.hub = HubModel(name_or_path, AUDIO_KEY, trust_remote_code, tuple(EMBEDDED_AUDIO))
         self.output_dim = config_dim(config, self.hub)
         self.identity = f"audio|{name_or_path}|sequence|time{tokens}"
+        self.feature_extractor  # read now: a folder without one fails at setup, not at its first task
 
     def weight_locations(self) -> list:
         return [self.hub.weights_location()]

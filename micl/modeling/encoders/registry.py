@@ -150,6 +150,7 @@ class HFVisionBackbone(Placed):
         vision = getattr(config, "vision_config", None)
         self.tower = "vision_model." if vision is not None else ""  # the weights that run, in a full model
         self.output_dim = config_dim(vision or config, self.hub)
+        self.processor  # a small file, read now: a folder without one fails at setup, not at its first task
 
     def weight_locations(self) -> list:
         return [self.hub.weights_location()]
@@ -247,6 +248,7 @@ class WhisperAudioEncoder(MediaEncoder):
         else:
             self.config = config or self.hub.config()
             self.output_dim = self.config.d_model
+            self.feature_extractor  # read now: a folder without one fails at setup, not at its first task
 
     def weight_locations(self) -> list:
         if self.name == "whisper-tiny.en":
