@@ -6,9 +6,9 @@ An encoder lists where its weights are (`MediaEncoder.weight_locations()`: files
 - a folder in the Hugging Face cache (`.../models--owner--name/snapshots/<commit>`) counts as its commit. Nothing
   is read, and the key does not change as the snapshot fills with the files transformers downloads later;
 - any other folder counts as every file at its top level (weights, config.json, processor configs, custom code),
-  each by name and the sha256 of its bytes; a file (an embedded package's weights) by the sha256 of its bytes. Digests are memoised in a JSON file of the feature
-  store (`weight_digests.json`) by (real path, size, mtime, ctime): a file is hashed once per machine and
-  version of the file, later runs only stat it.
+  each by name and the sha256 of its bytes; a file (an embedded package's weights) by the sha256 of its bytes.
+  Digests are memoised in a JSON file of the feature store (`weight_digests.json`) by (real path, size, mtime,
+  ctime): a file is hashed once per machine and version of the file, later runs only stat it.
 """
 
 from __future__ import annotations

