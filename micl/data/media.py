@@ -14,7 +14,12 @@ from PIL import Image
 
 from micl.errors import MediaError
 
-__all__ = ["load_image", "load_audio", "load_video"]
+__all__ = ["PREPROCESSING_VERSION", "load_image", "load_audio", "load_video"]
+
+# Part of the feature store's key: bump it when a change to micl alters the features an unchanged encoder makes
+# of an unchanged file (decoding, compositing, resampling, frame selection here; an encoder's own input transform
+# or pooling code), so the stores built before are not used (docs/feature_store.md).
+PREPROCESSING_VERSION = 1
 
 
 def _check_file(path) -> Path:

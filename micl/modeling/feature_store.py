@@ -4,16 +4,19 @@ distinct media item once, read lazily item by item.
 Layout, in the machine-local cache (`cache_root()/feature_store/<key>/`):
     features.bin       [items, tokens, dim] in the store dtype, C order (bfloat16 / float16 as raw 2-byte words,
                        read back with `.view(torch.bfloat16)`: numpy has no bfloat16)
-    meta.json          encoder identity, dtypes, shape, item count; written last: a store is complete iff it is
-                       there (and features.bin has its size)
+    meta.json          its key's fields (encoder identity, weights fingerprint, preprocessing version, dtypes),
+                       shape, item count; written last: a store is complete iff it is there (and features.bin
+                       has its size)
     features.partial   the file a build writes; renamed to features.bin once every item is in
     lock               flock'ed by the process that builds the store (two runs of one machine never build it twice)
 
 Items are the distinct media files of the split by content (sha256), in the order they first appear; `index`
 maps each row (sample) to its item, so the 5 captions of one image share one stored item. The key is the
-sha256 of the encoder identity, the compute dtype, the store dtype and the items' digests: a rerun, a resumed
-run or another run on the same split reuses the store, and any change of content, encoder or dtype gets a
-new one.
+sha256 of the encoder identity (name, pooling), the fingerprint of its weights (micl/modeling/fingerprint.py),
+micl's preprocessing version (`micl.data.media.PREPROCESSING_VERSION`), the compute dtype, the store dtype and
+the items' digests: a rerun, a resumed run or another run on the same split reuses the store, and any change
+of content, encoder, weights, preprocessing or dtype gets a new one (a store under an older key is never
+looked up again).
 
 Reading uses positional reads (`os.preadv`): nothing is memory-mapped, so the process's RSS holds only the
 items in use (each a small tensor of its own), whatever the store's size; the file descriptor is reopened in
@@ -33,25 +36,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import media as media_io
 from ..errors import MediaError, MiclError
 from ..utils.distributed import (all_processes_agree, barrier, is_main_process, local_rank, local_world_size)
 from ..utils.io import atomic_write_json
 from ..utils.progress import progress_bar
 from .encoders.registry import MediaEncoder
+from .fingerprint import WeightDigests, file_digest
 
 FORMAT = 1
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _WORDS = {4: torch.int32, 2: torch.int16}  # raw words of each item size, reinterpreted as the store dtype
 DATA, PARTIAL, META, LOCK = "features.bin", "features.partial", "meta.json", "lock"
+WEIGHT_DIGESTS = "weight_digests.json"  # beside the stores: the memo of the encoders' weight-file digests
 LOADER_THREADS = 4  # media decoding of the next batch overlaps the encoder's forward
-
-
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -190,6 +188,7 @@ class FeatureStores:
         self.encoded = 0  # items run through an encoder by this process
         self.built = 0  # stores this process completed
         self._digests: dict[tuple, str] = {}
+        self.weights = WeightDigests(self.root / WEIGHT_DIGESTS)
 
     def digest(self, path: str) -> str:
         stat = os.stat(path)
@@ -198,9 +197,15 @@ class FeatureStores:
             self._digests[key] = file_digest(path)
         return self._digests[key]
 
-    def folder(self, encoder: MediaEncoder, dtype: torch.dtype, items: list[str]) -> Path:
-        text = "\n".join([f"format{FORMAT}", encoder.identity, f"compute={dtype_name(encoder.compute_dtype)}",
-                          f"dtype={dtype_name(dtype)}", *items])
+    def key(self, encoder: MediaEncoder, dtype: torch.dtype) -> dict:
+        """What the store's features depend on, besides the items: written to meta.json, hashed into the key."""
+        return {"format": FORMAT, "identity": encoder.identity,
+                "weights": self.weights.fingerprint(encoder.weight_locations()),
+                "preprocessing": media_io.PREPROCESSING_VERSION,
+                "compute_dtype": dtype_name(encoder.compute_dtype), "dtype": dtype_name(dtype)}
+
+    def folder(self, key: dict, items: list[str]) -> Path:
+        text = "\n".join([*(f"{name}={value}" for name, value in key.items()), *items])
         return self.root / hashlib.sha256(text.encode()).hexdigest()
 
     def features(self, encoder: MediaEncoder, paths: list[str], dtype: torch.dtype = torch.float32,
@@ -224,21 +229,18 @@ class FeatureStores:
                 position[digest] = len(item_paths)
                 item_paths.append(path)
         index = np.fromiter((position[d] for d in digests), dtype=np.int64, count=len(digests))
-        folder = self.folder(encoder, dtype, list(position))
+        key = self.key(encoder, dtype)
+        folder = self.folder(key, list(position))
+        meta = {**key, "items": len(item_paths), "tokens": encoder.num_tokens, "dim": encoder.output_dim,
+                "item_bytes": encoder.num_tokens * encoder.output_dim * dtype.itemsize}
         if shared:
             if not all_processes_agree(is_complete(folder)):
-                self._build_shared(folder, encoder, item_paths, dtype, desc)
+                self._build_shared(folder, encoder, item_paths, meta, desc)
         elif not is_complete(folder):
-            self._build_alone(folder, encoder, item_paths, dtype, desc)
+            self._build_alone(folder, encoder, item_paths, meta, desc)
         return StreamFeatures(FeatureStore(folder), index)
 
     # ---- building -----------------------------------------------------------------------------------
-    @staticmethod
-    def _meta(encoder: MediaEncoder, dtype: torch.dtype, items: int) -> dict:
-        return {"format": FORMAT, "identity": encoder.identity, "compute_dtype": dtype_name(encoder.compute_dtype),
-                "dtype": dtype_name(dtype), "items": items, "tokens": encoder.num_tokens,
-                "dim": encoder.output_dim, "item_bytes": encoder.num_tokens * encoder.output_dim * dtype.itemsize}
-
     @staticmethod
     def _start(folder: Path, meta: dict) -> None:
         """A fresh features.partial of the store's size (a killed build's leftover is discarded)."""
@@ -260,24 +262,22 @@ class FeatureStores:
             os.close(directory)
         self.built += 1
 
-    def _build_alone(self, folder, encoder, item_paths, dtype, desc) -> None:
+    def _build_alone(self, folder, encoder, item_paths, meta, desc) -> None:
         lock = _Lock(folder)
         try:
             if is_complete(folder):  # built meanwhile by another process of this machine
                 return
-            meta = self._meta(encoder, dtype, len(item_paths))
             self._start(folder, meta)
-            self._encode(folder, encoder, item_paths, range(len(item_paths)), dtype, meta, desc)
+            self._encode(folder, encoder, item_paths, range(len(item_paths)), meta, desc)
             self._finish(folder, meta)
         finally:
             lock.release()
 
-    def _build_shared(self, folder, encoder, item_paths, dtype, desc) -> None:
+    def _build_shared(self, folder, encoder, item_paths, meta, desc) -> None:
         """Every process: the machine's first one locks the store and starts features.partial; each process
         of the machine encodes its contiguous share of the items into it; the first one completes it.
         Every process passes the same collectives whatever its machine has to do (another may be complete)."""
         first = is_main_process(local=True)
-        meta = self._meta(encoder, dtype, len(item_paths))
         lock = None
         error: BaseException | None = None
         try:
@@ -293,7 +293,7 @@ class FeatureStores:
             count, ranks, rank = len(item_paths), local_world_size(), local_rank()
             share = range(count * rank // ranks, count * (rank + 1) // ranks)
             try:
-                self._encode(folder, encoder, item_paths, share, dtype, meta, desc, show=first)
+                self._encode(folder, encoder, item_paths, share, meta, desc, show=first)
             except BaseException as err:
                 error = err
         everyone_ok = all_processes_agree(error is None)
@@ -311,10 +311,11 @@ class FeatureStores:
         if not everyone_ok:
             raise MiclError(f"{folder}: another process failed while encoding this feature store (see its error)")
 
-    def _encode(self, folder: Path, encoder: MediaEncoder, item_paths: list[str], share: range, dtype: torch.dtype,
-                meta: dict, desc: str | None, show: bool = True) -> None:
+    def _encode(self, folder: Path, encoder: MediaEncoder, item_paths: list[str], share: range, meta: dict,
+                desc: str | None, show: bool = True) -> None:
         """Encodes items `share` in batches of `encoder.batch_size`, writing each batch at its offset."""
         expected = (meta["tokens"], meta["dim"])
+        dtype = STORE_DTYPES[meta["dtype"]]
         size = max(1, encoder.batch_size)
         batches = [share[i:i + size] for i in range(0, len(share), size)]
         fd = os.open(folder / PARTIAL, os.O_WRONLY)

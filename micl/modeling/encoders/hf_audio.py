@@ -14,11 +14,10 @@ import numpy as np
 import torch
 
 from ...data import media as media_io
-from ...errors import ConfigError
-from .registry import MediaEncoder, config_dim, first_line, last_hidden_state, pool_sequence
+from .hub_models import HubModel, config_dim
+from .registry import AUDIO_KEY, EMBEDDED_AUDIO, MediaEncoder, pool_sequence
 
 CLAP_MODEL_TYPES = ("clap", "clap_audio_model")  # ClapModel (audio + text) / ClapAudioModel folders
-KEY = "model.audio_encoder"
 
 
 class ClapAudioTower(MediaEncoder):
@@ -39,32 +38,30 @@ class ClapAudioTower(MediaEncoder):
     def __init__(self, name_or_path: str, tokens: int, config):
         self.name = name_or_path
         self.num_tokens = tokens
+        self.hub = HubModel(name_or_path, AUDIO_KEY, embedded=tuple(EMBEDDED_AUDIO))
         self.full_model = config.model_type == "clap"
         audio = config.audio_config if self.full_model else config
         self.fusion = bool(getattr(audio, "enable_fusion", False))
         self.output_dim = int(audio.patch_embeds_hidden_size * 2 ** (len(audio.depths) - 1))
         self.identity = f"audio|{name_or_path}|clap-freqmean|time{tokens}"
+        self.feature_extractor  # read now: a folder without one fails at setup, not at its first task
+
+    def weight_locations(self) -> list:
+        return [self.hub.weights_location()]
 
     @cached_property
     def model(self):
         from transformers import ClapAudioModel, ClapModel
 
-        cls, prefix = (ClapModel, "audio_model.") if self.full_model else (ClapAudioModel, "")
-        model, info = cls.from_pretrained(self.name, dtype=torch.float32, output_loading_info=True)
-        missing = sorted(k for k in info["missing_keys"] if k.startswith(prefix))
-        if missing:  # from_pretrained would leave them randomly initialised
-            raise ConfigError(f"{KEY}: {self.name!r} has no CLAP audio weights "
-                              f"({len(missing)} missing, e.g. {missing[0]})")
-        return self.placed((model.audio_model if self.full_model else model).eval())
+        if self.full_model:
+            return self.placed(self.hub.model(ClapModel, "CLAP audio", prefix="audio_model.").audio_model)
+        return self.placed(self.hub.model(ClapAudioModel, "CLAP audio"))
 
     @cached_property
     def feature_extractor(self):
         from transformers import ClapFeatureExtractor
 
-        try:
-            return ClapFeatureExtractor.from_pretrained(self.name)
-        except Exception as err:
-            raise ConfigError(f"{KEY}: no CLAP feature extractor for {self.name!r}: {first_line(err)}") from err
+        return self.hub.processor(ClapFeatureExtractor, "CLAP feature extractor")
 
     def load(self, path):
         return media_io.load_audio(path, sampling_rate=self.feature_extractor.sampling_rate)
@@ -86,11 +83,11 @@ class ClapAudioTower(MediaEncoder):
         window = self.feature_extractor.nb_max_samples
         features = torch.stack([self._features(w) for w in waveforms])
         is_longer = torch.tensor([[len(w) > window] for w in waveforms])
-        states = last_hidden_state(self.model(input_features=self.inputs(features), is_longer=self.inputs(is_longer)),
-                                   self.name, KEY)
+        states = self.hub.states(self.model, "audio", input_features=self.inputs(features),
+                                 is_longer=self.inputs(is_longer))
         if states.dim() != 4 or states.shape[1] != self.output_dim:
-            raise ConfigError(f"{KEY}: CLAP audio tower {self.name!r} returned last_hidden_state "
-                              f"{tuple(states.shape)}, expected [B, {self.output_dim}, F, T]")
+            raise self.hub.error(f"the CLAP audio tower returned last_hidden_state {tuple(states.shape)}, "
+                                 f"expected [B, {self.output_dim}, F, T]")
         sequence = states.mean(dim=2).transpose(1, 2)  # [B, T, C]
         steps = sequence.shape[1]
         pooled = []
@@ -115,28 +112,26 @@ class HFAudioEncoder(MediaEncoder):
     def __init__(self, name_or_path: str, tokens: int, config, trust_remote_code: bool = False):
         self.name = name_or_path
         self.num_tokens = tokens
-        self.trust_remote_code = trust_remote_code
-        self.output_dim = config_dim(config, KEY)
+        self.hub = HubModel(name_or_path, AUDIO_KEY, trust_remote_code, tuple(EMBEDDED_AUDIO))
+        self.output_dim = config_dim(config, self.hub)
         self.identity = f"audio|{name_or_path}|sequence|time{tokens}"
+        self.feature_extractor  # read now: a folder without one fails at setup, not at its first task
+
+    def weight_locations(self) -> list:
+        return [self.hub.weights_location()]
 
     @cached_property
     def model(self):
         from transformers import AutoModel
 
-        try:
-            model = AutoModel.from_pretrained(self.name, trust_remote_code=self.trust_remote_code, dtype=torch.float32)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{KEY}: cannot load {self.name!r} with AutoModel: {first_line(err)}") from err
-        return self.placed(model.eval())
+        # masked_spec_embed: wav2vec2 / HuBERT's SpecAugment mask, used in training only
+        return self.placed(self.hub.model(AutoModel, "audio", unused=("pooler.", "masked_spec_embed")))
 
     @cached_property
     def feature_extractor(self):
         from transformers import AutoFeatureExtractor
 
-        try:
-            return AutoFeatureExtractor.from_pretrained(self.name, trust_remote_code=self.trust_remote_code)
-        except Exception as err:
-            raise ConfigError(f"{KEY}: no feature extractor for {self.name!r}: {first_line(err)}") from err
+        return self.hub.processor(AutoFeatureExtractor, "feature extractor")
 
     @property
     def sampling_rate(self) -> int:
@@ -152,9 +147,9 @@ class HFAudioEncoder(MediaEncoder):
             inputs = self.feature_extractor(np.asarray(waveform, dtype=np.float32), sampling_rate=self.sampling_rate,
                                             return_tensors="pt")
             inputs = {k: self.inputs(v.float() if v.is_floating_point() else v) for k, v in inputs.items()}
-            states = last_hidden_state(self.model(**inputs), self.name, KEY)
+            states = self.hub.states(self.model, "audio", **inputs)
             if states.dim() != 3 or states.shape[-1] != self.output_dim:
-                raise ConfigError(f"{KEY}: {self.name!r} returned last_hidden_state {tuple(states.shape)}, "
-                                  f"expected [B, T, {self.output_dim}]")
+                raise self.hub.error(f"returned last_hidden_state {tuple(states.shape)}, "
+                                     f"expected [B, T, {self.output_dim}]")
             pooled.append(pool_sequence(states[:1], self.num_tokens)[0])
         return torch.stack(pooled)

