@@ -344,7 +344,8 @@ VALID = r"; expected an embedded name \({}\), a local folder with a config\.json
 @pytest.mark.parametrize("key, given, problem", [
     ("image_encoder", "nonexistent/thing", r"not found \(.*\)" + VALID.format("efficientnet-lite0")),
     ("audio_encoder", "nonexistent/thing", r"not found \(.*\)" + VALID.format("whisper-tiny.en")),
-    ("video_encoder", "{tmp}/no/such/folder", "no such folder" + VALID.format("efficientnet-lite0")),
+    # a missing local folder is refused by the preflight, before any model loads (micl/preflight.py)
+    ("video_encoder", "{tmp}/no/such/folder", None),
     ("image_encoder", "{tmp}", "a folder without a config.json" + VALID.format("efficientnet-lite0")),
     ("audio_encoder", "{no_weights}", r"a folder without weight files \(\*\.safetensors, "),
     ("audio_encoder", "{llm}", r"no feature extractor \("),
@@ -367,7 +368,11 @@ def test_bad_encoder_exits_2_with_one_line(hf_models, tiny_models, synth_root, t
     err = capsys.readouterr().err
     assert rc == 2
     assert len(err.strip().splitlines()) == 1, err
-    assert re.match(rf"micl: error: model\.{key}: {re.escape(repr(given))}: {problem}", err.strip()), err
+    if problem is None:
+        assert re.match(rf"micl: error: .*: 'model\.{key}': the local folder {re.escape(repr(given))} does not exist$",
+                        err.strip()), err
+    else:
+        assert re.match(rf"micl: error: model\.{key}: {re.escape(repr(given))}: {problem}", err.strip()), err
     assert not (tmp_path / "run" / "results.json").exists()
 
 

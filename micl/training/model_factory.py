@@ -14,6 +14,7 @@ from .task_data import TaskData
 
 def build_model(config: RecipeConfig, data: TaskData) -> MultimodalLM:
     cfg = config.model
+    media_dims = data.media_dims()  # the encoders first: a bad one fails before the (larger) LLM loads
     set_seed(config.seed)
     # the embedded LLM is converted and cached on first use; loaded whole (see plain_model_loading)
     with main_process_first(), plain_model_loading():
@@ -21,6 +22,6 @@ def build_model(config: RecipeConfig, data: TaskData) -> MultimodalLM:
     settings = {"llm": cfg.llm, "dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code,
                 "projector_hidden": cfg.projector_hidden, "system_prompt": cfg.system_prompt,
                 "encoders": {m: e.identity for m, e in data.encoders.items()}}
-    model = MultimodalLM.with_adapter(llm, tokenizer, data.media_dims(), build_peft_config(config.lora),
+    model = MultimodalLM.with_adapter(llm, tokenizer, media_dims, build_peft_config(config.lora),
                                       cfg.projector_hidden, settings)
     return model.to(launch_device())  # the evaluations before the first Trainer run there too

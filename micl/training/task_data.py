@@ -64,6 +64,7 @@ class TaskData:
             with _rng_untouched():
                 self._encoders = build_encoders(self.config.model)
                 for encoder in self._encoders.values():
+                    encoder.weight_locations()  # a folder without weights fails here, before the LLM loads
                     encoder.place(device, dtype)
         return self._encoders
 
