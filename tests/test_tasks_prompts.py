@@ -173,20 +173,6 @@ def test_orders_file_error(tmp_path):
 # ------------------------------------------------------------------ templates
 
 
-def test_packaged_copies_identical():
-    assert (REPO / "prompts/templates.yaml").read_bytes() == \
-        (REPO / "micl/resources/prompts/templates.yaml").read_bytes()
-    assert (REPO / "eval/orders.yaml").read_bytes() == \
-        (REPO / "micl/resources/eval/orders.yaml").read_bytes()
-
-
-def test_packaged_fallback(monkeypatch, tmp_path):
-    monkeypatch.setattr(prompts_mod, "_REPO_ROOT", tmp_path)  # as if installed
-    assert prompts_mod.default_templates_path() == REPO / "micl/resources/prompts/templates.yaml"
-    assert load_templates() == load_templates(REPO / "prompts/templates.yaml")
-    assert resolve_order("quick") == ["synth_image_caption", "synth_audio_qa"]
-
-
 def test_templates_structure():
     t = load_templates()
     assert prompts_mod.default_templates_path() == REPO / "prompts/templates.yaml"
