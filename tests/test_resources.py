@@ -24,7 +24,7 @@ def _layout_files() -> dict[str, Path]:
 
 def test_resources_resolve_to_the_top_level_files_in_a_checkout():
     files = _layout_files()
-    assert {"prompts/templates.yaml", "eval/orders.yaml", "recipes/accelerate/zero2.yaml",
+    assert {"prompts/templates.yaml", "eval/orders.yaml", "eval/tasks.yaml", "recipes/accelerate/zero2.yaml",
             "recipes/deepspeed/zero2.json"} <= set(files)
     for relative, path in files.items():
         assert find_resource(relative) == path

@@ -34,7 +34,7 @@ from ..data.dataset import EncodedTaskDataset
 from ..data.orders import resolve_order
 from ..data.prompts import load_templates
 from ..data.schema import STREAMS, media_streams
-from ..data.tasks import get_task, load_task_split, split_path
+from ..data.tasks import get_task, load_task_split, recipe_tasks, split_path, use_recipe_tasks
 from ..errors import ConfigError, MiclError
 from ..evaluation.continual import continual_metrics
 from ..evaluation.report import write_report
@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 # what a run's results depend on: a rerun into the same output_dir must match (decoding settings included,
 # or one matrix would mix them)
-RUN_IDENTITY_KEYS = ("order", "seed", "method", "method_args", "model", "lora", "data", "train", "eval")
+RUN_IDENTITY_KEYS = ("order", "tasks", "seed", "method", "method_args", "model", "lora", "data", "train", "eval")
 # how a run is computed, not what: may change when a run is resumed (e.g. checkpointing after an OOM, another
 # machine). `train.num_threads` changes only the float summation order of CPU kernels (results agree to
 # rounding, not bitwise), and pinning a run to its first machine's core count would block resuming it elsewhere;
@@ -111,6 +111,7 @@ def _with_defaults(stored: dict) -> dict:
     defaults = RecipeConfig().to_dict()
     filled = dict(stored)
     for key, value in defaults.items():
+        filled.setdefault(key, value)  # a section newer than the run (e.g. `tasks`)
         if isinstance(value, dict) and isinstance(stored.get(key), dict) and key != "method_args":
             filled[key] = {**value, **stored[key]}
     return filled
@@ -121,6 +122,7 @@ class ContinualRun:
         self.config = config
         self.source = source
         self.out = Path(config.output_dir)
+        use_recipe_tasks(recipe_tasks(config.tasks, source))  # the recipe's own tasks, next to eval/tasks.yaml
         self.tasks = [get_task(name) for name in resolve_order(config.order)]
         self.methods = build_methods(config, source)
         self.data_root = Path(config.data.root)
@@ -152,7 +154,7 @@ class ContinualRun:
             atomic_write_json(path, resolved)
 
     def _ensure_data(self) -> None:
-        synth = [t.name for t in self.tasks if t.name.startswith("synth_")]
+        synth = [t.name for t in self.tasks if t.synthetic]
         if synth:
             from ..data.synth import generate_synth
 
