@@ -31,6 +31,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import adapters  # noqa: F401  (registers micl's tuners with PEFT: a gated_lora/moe_lora phase loads)
 from ..errors import MiclError
 from .low_rank import (UPDATES_FORMAT, apply_low_rank_update, same_update, updates_from_tensors,
                        updates_to_tensors)
