@@ -64,6 +64,7 @@ def test_the_task_table_is_read_from_eval_tasks_yaml():
      "tasks[1]: task 'a' is defined twice"),
     ("[{name: a, modality: image, task_type: caption, metric: exact_match}]",
      "tasks[0]: task a: unknown metric 'exact_match' for a caption task"),
+    ("[{name: a, modality: image, task_type: qa, synthetic: maybe}]", "tasks[0]: task a: synthetic must be true or"),
 ])
 def test_task_file_errors_name_the_file_and_the_entry(tmp_path, entries, message):
     path = tmp_path / "tasks.yaml"

@@ -72,6 +72,8 @@ class TaskSpec:
         problem = _data_folder_error(self.data)
         if problem:
             raise DataError(f"task {self.name}: data must be {problem}, got {self.data!r}")
+        if not isinstance(self.synthetic, bool):
+            raise DataError(f"task {self.name}: synthetic must be true or false, got {self.synthetic!r}")
 
 
 _packaged: dict[str, TaskSpec] | None = None
