@@ -1,3 +1,5 @@
-"""micl: continual fine-tuning of multimodal LLMs."""
+"""micl: continual fine-tuning of multimodal LLMs.
 
-from . import adapters  # noqa: F401  (registers micl's PEFT tuners with PEFT)
+Importing micl loads neither PyTorch, transformers nor PEFT: each module imports what it needs (micl's PEFT
+tuners register with PEFT when micl.adapters is imported, which micl.modeling.multimodal does).
+"""

@@ -2,7 +2,8 @@
 `micl data synth --out DIR`, `micl data prepare DATASET --root DIR --out DATA_ROOT`.
 
 User errors (recipe, data, media) print one line naming the file or key and exit with code 2; finished
-steps stay on disk.
+steps stay on disk. Building the parser imports neither PyTorch, transformers nor PEFT (`micl --help` is
+instant); `micl train --help` reads the recipe sections, methods and tasks when it is asked for.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def _push(args) -> int:
 def _synth(args) -> int:
     from .data.synth import generate_synth
 
-    summary = generate_synth(args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
+    summary = generate_synth(args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
+                             tasks=args.tasks)
     print(f"micl-synth in {args.out}: {summary}")
     return 0
 
@@ -121,12 +123,56 @@ def _prepare(args) -> int:
     return 0
 
 
+def _train_epilog() -> str:
+    """The recipe sections (micl.config), the methods (micl.methods) and the tasks (eval/tasks.yaml)."""
+    import dataclasses
+    import textwrap
+
+    from .config import RecipeConfig
+    from .data.tasks import packaged_tasks
+    from .methods import METHODS
+
+    lines = ["recipe sections (micl/config.py; any key can be overridden as section.key=value):"]
+    for f in dataclasses.fields(RecipeConfig):
+        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            about = ", ".join(g.name for g in dataclasses.fields(f.default_factory))
+        else:
+            about = f.metadata.get("help") or f"default {f.default!r}"
+        lines.append(textwrap.fill(about, width=116, initial_indent=f"  {f.name:<13} ", subsequent_indent=" " * 16))
+    lines.append("")
+    lines.append("methods (method: NAME or a list of names; docs/methods.md):")
+    for name, cls in sorted(METHODS.items()):
+        needs = f" (needs lora.type: {cls.requires_tuner})" if cls.requires_tuner else ""
+        lines.append(f"  {name}{needs}")
+    lines.append("")
+    lines.append("tasks (eval/tasks.yaml; a recipe adds its own under `tasks:`):")
+    for spec in packaged_tasks().values():
+        metric = "CIDEr" if spec.metric == "caption" else spec.metric
+        lines.append(f"  {spec.name:<20} {spec.modality}, {spec.task_type}, {metric}")
+    return "\n".join(lines)
+
+
+class _LazyHelpParser(argparse.ArgumentParser):
+    """An ArgumentParser whose epilog is computed when its help is printed (`epilog_fn`), so that building
+    the parser imports nothing heavy."""
+
+    def __init__(self, *args, epilog_fn=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._epilog_fn = epilog_fn
+
+    def format_help(self) -> str:
+        if self._epilog_fn is not None and self.epilog is None:
+            self.epilog = self._epilog_fn()
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="micl", description="continual fine-tuning of multimodal LLMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_LazyHelpParser)
 
-    train = commands.add_parser("train", help="run a recipe's whole task order (resumes a killed run)")
+    train = commands.add_parser("train", help="run a recipe's whole task order (resumes a killed run)",
+                                epilog_fn=_train_epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("recipe", help="YAML recipe, e.g. recipes/finetune.yaml")
     train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.epochs=2")
     train.set_defaults(func=_train)
@@ -162,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--n-train", type=int, default=64)
     synth.add_argument("--n-val", type=int, default=16)
     synth.add_argument("--n-test", type=int, default=24)
+    synth.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="only these tasks (default: all)")
     synth.set_defaults(func=_synth)
     from .data.converters import CONVERTERS, converter_module
 

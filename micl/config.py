@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from .data.schema import MODALITIES, TASK_TYPES
 from .errors import ConfigError
 from .utils.io import yaml_error_line
 
@@ -135,12 +136,27 @@ class LaunchArgs:
 
 
 @dataclass
+class TaskArgs:
+    """One task of the recipe's own (`tasks:`), next to micl's (eval/tasks.yaml); README "Your own dataset"."""
+    name: str = field(metadata={"help": "the task's name, as in `order` and the `task` of its rows"})
+    modality: str = field(metadata={"choices": list(MODALITIES)})
+    task_type: str = field(metadata={"choices": list(TASK_TYPES)})
+    metric: str | None = field(default=None, metadata={
+        "help": "caption: caption (CIDEr), bleu_4, meteor, ...; qa: vqa_accuracy, exact_match; null = caption / "
+                "vqa_accuracy"})
+    data: str | None = field(default=None, metadata={
+        "help": "folder of its {train,val,test}.jsonl under data.root; null = the name"})
+
+
+@dataclass
 class RecipeConfig:
     #: the dotted keys the recipe file and the overrides set (`load_recipe`), defaults left out
     given_keys: ClassVar[frozenset[str]] = frozenset()
 
     output_dir: str = field(default="runs/finetune", metadata={"path": True})
     order: Any = field(default="order1", metadata={"help": "name in eval/orders.yaml or a list of task names"})
+    tasks: list[TaskArgs] = field(default_factory=list, metadata={
+        "help": "tasks of the recipe's own: a list of {name, modality, task_type, metric, data}"})
     seed: int = 0
     method: Any = field(default="finetune", metadata={"help": "method name or list of names (hooks compose)"})
     method_args: dict = field(default_factory=dict, metadata={"help": "per-method settings, keyed by method"})
@@ -165,6 +181,8 @@ class RecipeConfig:
 
 
 def _type_name(tp) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "{" + ", ".join(f.name for f in dataclasses.fields(tp)) + "}"
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
@@ -173,6 +191,8 @@ def _coerce(value, tp, key: str, source: str):
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if dataclasses.is_dataclass(tp):  # an entry of a list of sections (`tasks`)
+        return build_dataclass(tp, value, source, f"{key}.")
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
@@ -240,6 +260,10 @@ def build_dataclass(cls, values: dict, source: str, prefix: str = ""):
         if choices and coerced not in choices:
             raise ConfigError(f"{source}: '{full}' must be one of {', '.join(choices)}, got {coerced!r}")
         kwargs[key] = coerced
+    missing = [name for name, f in fields.items() if name not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{source}: '{prefix}{missing[0]}' is required (give {', '.join(missing)})")
     return cls(**kwargs)
 
 
@@ -361,6 +385,9 @@ def validate(config: RecipeConfig, source: str) -> None:
         raise ConfigError(f"{source}: 'order' must be an order name from eval/orders.yaml or a non-empty list of tasks")
     if not isinstance(config.method, (str, list)):
         raise ConfigError(f"{source}: 'method' must be a method name or a list of names")
+    from .data.tasks import recipe_tasks
+
+    recipe_tasks(config.tasks, source)
     _validate_launch(config.launch, source)
     if config.push_to_hub and not config.hub_repo:
         raise ConfigError(f"{source}: 'hub_repo' is required when 'push_to_hub' is true (e.g. hub_repo: OWNER/NAME)")

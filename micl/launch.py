@@ -1,9 +1,9 @@
 """`micl train` starting its own processes: the recipe's `launch` section (e.g. `launch: {config: zero2}`)
 becomes `accelerate launch --config_file <config> --num_processes N -m micl train <recipe> <overrides>`.
 
-The built-in configs are recipes/accelerate/<name>.yaml (packaged under micl/resources). Their DeepSpeed
-JSONs are named by paths relative to the repository root; the launcher gets a copy of the config with that
-path made absolute, so a launch works from any directory. Under a launcher already (`accelerate launch`,
+The built-in configs are recipes/accelerate/<name>.yaml (micl/utils/resources.py). Their DeepSpeed JSONs
+are named by paths relative to the repository root; the launcher gets a copy of the config with that path
+made absolute, so a launch works from any directory. Under a launcher already (`accelerate launch`,
 `torchrun`, or the processes started here) the section is ignored: nothing is started twice. Before it starts
 them, the recipe passes the preflight (micl/preflight.py) with the ZeRO stage of the config (`zero_stage`).
 """
@@ -21,18 +21,17 @@ from pathlib import Path
 
 import yaml
 
-from .data.prompts import find_resource
 from .errors import ConfigError
 from .utils.io import read_yaml_mapping
+from .utils.resources import find_resource, resource_names
 
 ACCELERATE_DIR = "recipes/accelerate"
-_PACKAGED = Path(__file__).resolve().parent / "resources" / ACCELERATE_DIR
 #: set in the processes started here (Accelerate's one-process launcher sets no WORLD_SIZE)
 LAUNCHED_ENV = "MICL_LAUNCHED"
 
 
 def builtin_configs() -> list[str]:
-    return sorted(p.stem for p in _PACKAGED.glob("*.yaml"))
+    return resource_names(ACCELERATE_DIR, ".yaml")
 
 
 def already_launched() -> bool:

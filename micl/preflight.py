@@ -41,8 +41,9 @@ class Plan:
     @cached_property
     def tasks(self) -> list:
         from .data.orders import resolve_order
-        from .data.tasks import get_task
+        from .data.tasks import get_task, recipe_tasks, use_recipe_tasks
 
+        use_recipe_tasks(recipe_tasks(self.config.tasks, self.source))  # the recipe's own tasks, by name
         return [get_task(name) for name in resolve_order(self.config.order)]
 
     @cached_property
@@ -209,13 +210,13 @@ def check_templates(plan: Plan) -> None:
 
 def check_task_files(plan: Plan) -> None:
     """Every split a real task needs exists, validates (schema, task, ids, media paths inside the data root)
-    and has samples. Synthetic tasks (synth_*) are generated on first use: their split sizes must be >= 1."""
+    and has samples. Synthetic tasks (eval/tasks.yaml `synthetic`) are generated on first use: their split sizes must be >= 1."""
     from .data.tasks import how_to_write, load_task_split, split_path
 
     data = plan.config.data
     root = data.root
     for task in plan.tasks:
-        if task.name.startswith("synth_"):
+        if task.synthetic:
             for split in plan.needed_splits():
                 if getattr(data, f"synth_{split}") < 1:
                     raise plan.error(f"'data.synth_{split}' must be >= 1: the run reads split {split} of {task.name}")

@@ -15,6 +15,15 @@ def test_data_synth_command_generates_all_tasks(tmp_path, capsys):
         assert len((out / task / "train.jsonl").read_text().splitlines()) == 4
 
 
+def test_data_synth_command_generates_only_the_tasks_asked_for(tmp_path):
+    out = tmp_path / "synth"
+    argv = ["data", "synth", "--out", str(out), "--n-train", "2", "--n-val", "1", "--n-test", "1"]
+    assert main([*argv, "--tasks", "synth_image_qa", "synth_audio_qa"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["tasks"] == ["synth_image_qa", "synth_audio_qa"]
+    assert not (out / "synth_video_qa").exists()
+    assert main([*argv, "--tasks", "okvqa"]) == 2  # not a synthetic task
+
+
 def test_report_on_a_missing_run_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "results.json" in capsys.readouterr().err

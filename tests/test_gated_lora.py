@@ -184,7 +184,7 @@ def test_save_and_load_in_a_fresh_process(tmp_path):
     assert '"peft_type": "GATED_LORA"' in config
     torch.save(IDS, tmp_path / "ids.pt")
     script = f"""
-import micl, torch
+import micl.adapters, torch  # registers the tuner with PEFT
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 base = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'base')!r})

@@ -9,7 +9,6 @@ from micl.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_FILE = REPO / "prompts" / "instructions.jsonl"
-PKG_FILE = REPO / "micl" / "resources" / "prompts" / "instructions.jsonl"
 
 
 def _rows():
@@ -42,11 +41,6 @@ def test_loader_reads_shipped_file():
     assert default_instructions_path() == REPO_FILE
     got = load_instructions()
     assert got == [r["instruction"] for r in _rows()]
-    assert load_instructions(PKG_FILE) == got
-
-
-def test_repo_and_packaged_copies_identical():
-    assert PKG_FILE.read_bytes() == REPO_FILE.read_bytes()
 
 
 def test_missing_file(tmp_path):

@@ -188,8 +188,8 @@ def test_evaluate_modules_load_from_local_paths():
     m = evaluate.load(str(scoring.metric_path("vqa_accuracy").parent))
     out = m.compute(predictions=["Two dogs.", "no"], references=[["2 dogs"] * 10, ["yes"] * 10])
     assert out["vqa_accuracy"] == pytest.approx(50.0) and out["exact_match"] == 50.0
-    m = evaluate.load(str(scoring.metric_path("exact_match")))  # the .py file works too
-    assert m.compute(predictions=["Two"], references=["2"])["exact_match"] == 100.0
+    m = evaluate.load(str(scoring.metric_path("vqa_accuracy")))  # the .py file works too
+    assert m.compute(predictions=["Two"], references=[["2"]])["exact_match"] == 100.0
     m = evaluate.load(str(scoring.metric_path("caption_metrics").parent))
     out = m.compute(predictions=PREDS, references=REFS, use_java=False, meteor=False)
     assert out == caption.compute_caption_metrics(PREDS, REFS, use_java=False, meteor=False)

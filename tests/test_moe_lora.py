@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-import micl  # noqa: F401  (registers the tuner)
+import micl.adapters  # noqa: F401  (registers the tuner)
 from conftest import REPO
 from micl.adapters.moe_lora import MoeLoraConfig, MoeLoraConfigError, MoeLoraLinear, moe_layers
 from micl.errors import ConfigError
@@ -170,7 +170,7 @@ def test_save_then_from_pretrained_in_a_fresh_process_gives_identical_logits(tmp
     assert config["peft_type"] == "MOE_LORA" and config["num_experts"] == 5
     torch.save({"ids": ids, "mask": mask, "logits": logits}, tmp_path / "expected.pt")
     script = f"""
-import torch, micl
+import torch, micl.adapters  # registers the tuner with PEFT
 torch.set_num_threads({torch.get_num_threads()})  # same kernels' reduction order as the parent: exact equality
 from peft import PeftModel
 from transformers import AutoModelForCausalLM

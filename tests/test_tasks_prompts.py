@@ -1,5 +1,6 @@
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from micl.data.orders import load_orders, resolve_order
 from micl.data.prompts import load_templates, render_instruction
 from micl.data.schema import MODALITIES, TASK_TYPES, validate_sample
 from micl.data.synth import SYNTH_TASKS
-from micl.data.tasks import TaskSpec, get_task, list_tasks, load_task_split
+from micl.data.tasks import TaskSpec, get_task, list_tasks, load_task_file, load_task_split
 from micl.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +43,34 @@ def test_registry_has_the_synth_tasks():
         assert spec.metric == ("caption" if spec.task_type == "caption" else "exact_match")
     assert get_task("synth_audio_caption").modality == "audio"
     assert set(SYNTH_TASKS) <= set(list_tasks())
+    assert [t for t in list_tasks() if get_task(t).synthetic] == list(SYNTH_TASKS)  # what micl data synth makes
+
+
+def test_the_task_table_is_read_from_eval_tasks_yaml():
+    specs = load_task_file(REPO / "eval" / "tasks.yaml")
+    assert [(s.name, s.modality, s.task_type, s.metric, s.data) for s in specs.values()][7:] == [
+        ("flickr30k", "image", "caption", "caption", "flickr30k"), ("okvqa", "image", "qa", "vqa_accuracy", "okvqa"),
+        ("msrvtt", "video", "caption", "caption", "msrvtt"), ("msvd_qa", "video", "qa", "exact_match", "msvd_qa"),
+        ("audiocaps", "audio", "caption", "caption", "audiocaps"),
+        ("clotho_aqa", "audio", "qa", "exact_match", "clotho_aqa")]
+    assert list(specs) == list_tasks() and get_task("synth_av_caption").modality == "audio_video"
+
+
+@pytest.mark.parametrize("entries, message", [
+    ("[]", "'tasks' must be a non-empty list"),
+    ("[{name: a, modality: image}]", "tasks[0]: missing key(s) task_type"),
+    ("[{name: a, modality: image, task_type: qa, size: 3}]", "tasks[0]: unknown key(s) size"),
+    ("[{name: a, modality: image, task_type: qa}, {name: a, modality: audio, task_type: qa}]",
+     "tasks[1]: task 'a' is defined twice"),
+    ("[{name: a, modality: image, task_type: caption, metric: exact_match}]",
+     "tasks[0]: task a: unknown metric 'exact_match' for a caption task"),
+    ("[{name: a, modality: image, task_type: qa, synthetic: maybe}]", "tasks[0]: task a: synthetic must be true or"),
+])
+def test_task_file_errors_name_the_file_and_the_entry(tmp_path, entries, message):
+    path = tmp_path / "tasks.yaml"
+    path.write_text(f"tasks: {entries}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
+        load_task_file(path)
 
 
 def test_unknown_task_lists_known():
@@ -171,20 +200,6 @@ def test_orders_file_error(tmp_path):
 
 
 # ------------------------------------------------------------------ templates
-
-
-def test_packaged_copies_identical():
-    assert (REPO / "prompts/templates.yaml").read_bytes() == \
-        (REPO / "micl/resources/prompts/templates.yaml").read_bytes()
-    assert (REPO / "eval/orders.yaml").read_bytes() == \
-        (REPO / "micl/resources/eval/orders.yaml").read_bytes()
-
-
-def test_packaged_fallback(monkeypatch, tmp_path):
-    monkeypatch.setattr(prompts_mod, "_REPO_ROOT", tmp_path)  # as if installed
-    assert prompts_mod.default_templates_path() == REPO / "micl/resources/prompts/templates.yaml"
-    assert load_templates() == load_templates(REPO / "prompts/templates.yaml")
-    assert resolve_order("quick") == ["synth_image_caption", "synth_audio_qa"]
 
 
 def test_templates_structure():

@@ -1,6 +1,7 @@
 """PEFT tuners of micl, one folder each (config.py, layer.py, model.py, as PEFT's own tuners), registered
-with PEFT when `micl` is imported, so that `get_peft_model`, `save_pretrained` and
-`PeftModel.from_pretrained` handle them like LoRA.
+with PEFT when this package is imported (`build_peft_config` and micl.modeling.multimodal import it; `import
+micl` does not), so that `get_peft_model`, `save_pretrained` and `PeftModel.from_pretrained` handle them like
+LoRA.
 
     lora        PEFT's LoRA itself
     gated_lora  Harmony's gated LoRA bridging (W = W0 + omega * scaling * B A), merged after each phase

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from micl.data.prompts import find_resource
+from micl.utils.resources import find_resource
 from micl.errors import ConfigError
 
 INSTRUCTIONS_RESOURCE = "prompts/instructions.jsonl"

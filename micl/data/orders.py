@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from micl.data.prompts import find_resource
+from micl.utils.resources import find_resource
 from micl.data.tasks import list_tasks
 from micl.errors import ConfigError
 from micl.utils.io import read_yaml_mapping

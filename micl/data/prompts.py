@@ -14,25 +14,9 @@ from pathlib import Path
 from micl.data.schema import MODALITIES, TASK_TYPES
 from micl.errors import ConfigError, DataError
 from micl.utils.io import read_yaml_mapping
+from micl.utils.resources import find_resource
 
-_PKG_RESOURCES = Path(__file__).resolve().parents[1] / "resources"
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 PLACEHOLDERS = ("modality", "question")
-
-
-def find_resource(repo_rel: str) -> Path:
-    """The repository's copy of a data file (e.g. ``prompts/templates.yaml``) when running
-    from a checkout, else the copy packaged under ``micl/resources/<repo_rel>``."""
-    repo = _REPO_ROOT / repo_rel
-    # pyproject.toml marks a source checkout (an installed micl's parents[2] is
-    # site-packages, which has none)
-    if repo.is_file() and (_REPO_ROOT / "pyproject.toml").is_file():
-        return repo
-    pkg = _PKG_RESOURCES / repo_rel
-    if pkg.is_file():
-        return pkg
-    raise ConfigError(f"{repo_rel}: not found in the repository ({repo}) nor in the "
-                      f"installed package ({pkg})")
 
 
 def default_templates_path() -> Path:

@@ -9,7 +9,7 @@ easy to overwrite (forget) when the next task is trained. See docs/synth.md.
     from micl.data.synth import generate_synth
     generate_synth("data/synth", seed=0)
 
-or ``python -m micl.data.synth --out data/synth --seed 0``.
+or ``micl data synth --out data/synth --seed 0`` (micl/cli.py).
 """
 
 from __future__ import annotations
@@ -641,24 +641,3 @@ def generate_synth(out_dir, seed: int = 0, n_train: int = DEFAULT_COUNTS["train"
     result.update(out_dir=str(out_dir), generated=todo,
                   seconds=round(time.perf_counter() - t0, 4))
     return result
-
-
-def main(argv=None):
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m micl.data.synth",
-                                 description="Generate the micl-synth benchmark.")
-    ap.add_argument("--out", default="data/synth")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-train", type=int, default=DEFAULT_COUNTS["train"])
-    ap.add_argument("--n-val", type=int, default=DEFAULT_COUNTS["val"])
-    ap.add_argument("--n-test", type=int, default=DEFAULT_COUNTS["test"])
-    ap.add_argument("--tasks", nargs="*", default=None)
-    a = ap.parse_args(argv)
-    res = generate_synth(a.out, a.seed, a.n_train, a.n_val, a.n_test, a.tasks)
-    what = ", ".join(res["generated"]) or "nothing (up to date)"
-    print(f"{res['out_dir']}: generated {what} in {res['seconds']:.2f}s")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

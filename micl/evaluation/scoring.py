@@ -34,7 +34,8 @@ _loaded: dict[str, object] = {}
 
 
 def metric_path(name: str) -> Path:
-    """Local path of a packaged `evaluate` module (``caption_metrics``, ``vqa_accuracy``, ``exact_match``)."""
+    """Local path of a packaged `evaluate` module (``caption_metrics``, ``vqa_accuracy``; exact match is a
+    score of ``vqa_accuracy``)."""
     path = METRICS_DIR / name / f"{name}.py"
     if not path.is_file():
         known = sorted(p.name for p in METRICS_DIR.iterdir() if (p / f"{p.name}.py").is_file())

@@ -17,10 +17,10 @@ import re
 from pathlib import Path
 
 from ..data.dataset import EncodedTaskDataset
-from ..data.prompts import find_resource
 from ..errors import ConfigError
 from ..utils.distributed import is_main_process, is_partitioned, map_sharded
 from ..utils.io import atomic_write_json, read_yaml_mapping
+from ..utils.resources import find_resource
 
 
 def load_pseudo_qa_rules(path=None) -> list[dict]:

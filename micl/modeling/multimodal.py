@@ -25,6 +25,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import adapters  # noqa: F401  (registers micl's tuners with PEFT: a gated_lora/moe_lora phase loads)
 from ..errors import MiclError
 from ..run_folder import (ADAPTER_DIR, MODEL_CONFIG_FILE, MODULATOR_FILE, PROJECTORS_FILE, UPDATES_FILE, RunFolder,
                           adapter_folder, is_run_folder)

@@ -18,7 +18,7 @@ import torch
 from ..config import RecipeConfig
 from ..data.collator import MultimodalCollator
 from ..data.orders import resolve_order
-from ..data.tasks import get_task, split_path
+from ..data.tasks import get_task, recipe_tasks, split_path, use_recipe_tasks
 from ..errors import ConfigError
 from ..methods import StepContext, build_methods
 from ..modeling.multimodal import MultimodalLM
@@ -46,6 +46,7 @@ class ContinualRun:
         self.config = config
         self.source = source
         self.folder = RunFolder(config.output_dir)
+        use_recipe_tasks(recipe_tasks(config.tasks, source))  # the recipe's own tasks, next to eval/tasks.yaml
         self.tasks = [get_task(name) for name in resolve_order(config.order)]
         self.methods = build_methods(config, source)
         self.data = TaskData(config)

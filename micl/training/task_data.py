@@ -47,7 +47,7 @@ class TaskData:
 
     def ensure_synthetic(self, tasks) -> None:
         """micl-synth tasks are generated into the data root on first use."""
-        synth = [t.name for t in tasks if t.name.startswith("synth_")]
+        synth = [t.name for t in tasks if t.synthetic]
         if synth:
             from ..data.synth import generate_synth
 

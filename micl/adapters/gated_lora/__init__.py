@@ -10,7 +10,7 @@ identity, as LoRA). Merging (PEFT's merge_adapter / merge_and_unload) adds omega
 unmerging subtracts it.
 
 Registered with PEFT's own `register_peft_method` under `PeftType.GATED_LORA` (added to PEFT's enum on
-import, see micl/adapters/peft_types.py), prefix "gated_lora_". After `import micl`,
+import, see micl/adapters/peft_types.py), prefix "gated_lora_". After `import micl.adapters`,
 `get_peft_model(llm, GatedLoraConfig(...))`, `save_pretrained` (a normal PEFT folder, adapter_config.json
 with "peft_type": "GATED_LORA") and `PeftModel.from_pretrained` work as for LoRA.
 

@@ -35,7 +35,7 @@ Choices where the paper is silent (docs/moe_lora.md):
 - Not mergeable (the mix depends on the input): `merge_and_unload` raises.
 
 Registered with PEFT through `peft.utils.register_peft_method` (PeftType gains MOE_LORA), so that
-`get_peft_model`, `save_pretrained` and `PeftModel.from_pretrained` (after `import micl`) handle it.
+`get_peft_model`, `save_pretrained` and `PeftModel.from_pretrained` (after `import micl.adapters`) handle it.
 """
 
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
