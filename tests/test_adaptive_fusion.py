@@ -14,7 +14,7 @@ from micl.data.collator import MultimodalCollator
 from micl.errors import ConfigError
 from micl.methods import METHODS
 from micl.methods.adaptive_fusion import AdaptiveFusionArgs, AdaptiveFusionMethod
-from micl.modeling.fusion import AdaptiveFusion, paired_infonce, pearson
+from micl.modeling.fusion import DECISIONS, AdaptiveFusion, paired_infonce, pearson
 from micl.modeling.llm import load_llm
 from micl.modeling.multimodal import MultimodalLM, model_inputs
 from micl.modeling.prompting import PromptBuilder
@@ -35,9 +35,9 @@ def tokens_with_correlation(r_target: float, dim: int = 32, tokens: int = 3, see
     return (pooled_v + noise)[None], (pooled_a + noise)[None]
 
 
-def fuse_one(fusion, video, audio, task="t"):
+def fuse_one(fusion, video, audio, task="t", aux=None):
     rows = {"video": torch.tensor([0]), "audio": torch.tensor([0])}
-    return fusion({"video": video, "audio": audio}, rows, [task])
+    return fusion({"video": video, "audio": audio}, rows, [task], aux)
 
 
 def test_pearson_matches_numpy():
@@ -73,13 +73,14 @@ def test_gate_switches_at_the_threshold(r_target):
     w = torch.softmax(torch.tensor([0.5, -0.5]), 0)
 
     fusion.threshold = r - 1e-4  # r at or above the threshold: both media, scaled by 2w
-    out = fuse_one(fusion, video, audio)
-    assert bool(fusion.last_decisions["fuse"][0])
+    aux = {}
+    out = fuse_one(fusion, video, audio, aux=aux)
+    assert bool(aux[DECISIONS]["fuse"][0])
     assert torch.allclose(out["video"], video * 2 * w[0]) and torch.allclose(out["audio"], audio * 2 * w[1])
 
     fusion.threshold = r + 1e-4  # below: the stronger medium (video) alone, the other zeroed
-    out = fuse_one(fusion, video, audio)
-    assert not bool(fusion.last_decisions["fuse"][0])
+    out = fuse_one(fusion, video, audio, aux=aux)
+    assert not bool(aux[DECISIONS]["fuse"][0])
     assert torch.equal(out["video"], video) and torch.equal(out["audio"], torch.zeros_like(audio))
 
     with torch.no_grad():  # the router decides which medium is the stronger one
@@ -108,14 +109,15 @@ def test_per_task_routers_and_single_medium_rows_in_one_batch():
     audio = torch.randn(3, 2, 32, generator=g)  # rows 0, 3, 4
     image = torch.randn(1, 5, 32, generator=g)
     rows = {"video": torch.tensor([0, 2, 3, 4]), "audio": torch.tensor([0, 3, 4]), "image": torch.tensor([1])}
-    out = fusion({"video": video, "audio": audio, "image": image}, rows, ["a", "x", "v", "b", "new"])
+    aux = {}
+    out = fusion({"video": video, "audio": audio, "image": image}, rows, ["a", "x", "v", "b", "new"], aux)
     wa, wb = torch.softmax(torch.tensor([1.0, 0.0]), 0), torch.softmax(torch.tensor([0.0, 1.0]), 0)
     assert torch.equal(out["image"], image)
     assert torch.equal(out["video"][1], video[1])  # a video without sound passes through
     assert torch.allclose(out["video"][0], video[0] * 2 * wa[0]) and torch.allclose(out["audio"][0], audio[0] * 2 * wa[1])
     assert torch.allclose(out["video"][2], video[2] * 2 * wb[0]) and torch.allclose(out["audio"][1], audio[1] * 2 * wb[1])
     assert torch.allclose(out["video"][3], video[3]) and torch.allclose(out["audio"][2], audio[2])  # no router: 1/2 each
-    assert fusion.last_decisions["rows"] == [0, 3, 4]
+    assert aux[DECISIONS]["rows"] == [0, 3, 4]
 
 
 def build(tiny_models):
@@ -160,6 +162,25 @@ def test_prompt_and_embedding_place_both_media_in_order(tiny_models):
             audio = model.projectors["audio"](items[row]["media"]["audio"])
             assert torch.allclose(embeds[row, positions], torch.cat([video, audio]), atol=1e-6)
     assert model(**model_inputs(batch)).loss.isfinite()
+
+
+def test_mutual_information_loss_comes_with_the_main_forward_not_the_last_one(tiny_models):
+    """A teacher's forward (LwF listed first) between the main forward and the method's extra_loss changes
+    nothing: the pooled pairs come with the main forward's outputs."""
+    model, builder = build(tiny_models)
+    model.set_media_modulator(AdaptiveFusion(64, tasks=["synth_av_caption"]))
+    _, batch = two_media_batch(model, builder)
+    method = AdaptiveFusionMethod()
+    model.train()
+    outputs = model(**model_inputs(batch))
+    assert outputs.aux[DECISIONS]["rows"] == [0, 2]
+    expected = method.extra_loss(model, batch, outputs, None)
+    assert expected is not None and expected.item() > 0
+    model.eval()
+    with torch.no_grad():
+        model(**model_inputs(batch))
+    model.train()
+    assert torch.equal(method.extra_loss(model, batch, outputs, None), expected)
 
 
 def test_modulator_saved_and_reloaded_with_its_routers(tiny_models, tmp_path):

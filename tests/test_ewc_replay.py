@@ -260,6 +260,13 @@ def test_replay_draws_are_balanced_across_past_tasks(batch_size):
     assert stratified_draw({}, 4, random.Random(0)) == []
 
 
+def replay_loss(replay, model, batch, ctx):
+    """weight * mean CE of the replay mini-batch drawn for `batch`, the way the trainer gets it (None: empty)."""
+    augmented = replay.augment_batch(batch, ctx)
+    losses = list(replay.auxiliary_losses(model, augmented, ctx))
+    return losses[0].value / replay.count_loss_items(augmented)["replay"] if losses else None
+
+
 def test_replay_loss_is_deterministic_per_batch_not_per_call(tiny_models, synth_root, tmp_path):
     model, builder = build(tiny_models)
     model.eval()  # no dropout: equal draws give equal losses
@@ -277,24 +284,24 @@ def test_replay_loss_is_deterministic_per_batch_not_per_call(tiny_models, synth_
     first = ctx_for(0, "synth_image_caption")
     batch = collate([datasets["synth_image_caption"][i] for i in (0, 1)])
     replay.on_task_start(first)
-    assert replay.replay_loss(model, batch, first) is None  # empty buffer
+    assert replay_loss(replay, model, batch, first) is None  # empty buffer
     replay.on_task_end(first)
     assert len(replay.buffers["synth_image_caption"]) == 3
 
     second = ctx_for(1, "synth_audio_qa")
     replay.on_task_start(second)
     batch = collate([datasets["synth_audio_qa"][i] for i in (2, 5)])
-    loss = replay.replay_loss(model, batch, second)
+    loss = replay_loss(replay, model, batch, second)
     assert loss.ndim == 0 and loss.item() > 0 and loss.requires_grad
     other = collate([datasets["synth_audio_qa"][i] for i in (3, 4)])
     for _ in range(3):
-        replay.replay_loss(model, other, second)
+        replay_loss(replay, model, other, second)
     # a fresh instance (as after a resume) draws the same replay samples for the same training batch
     resumed = Replay(ReplayArgs(buffer_size=3, replay_batch_size=2))
     resumed.load_state_dict(roundtrip(replay.state_dict()))
     resumed.on_task_start(second)
-    resumed.replay_loss(model, other, second)  # a different number of calls before the same batch
-    assert resumed.replay_loss(model, batch, second).item() == pytest.approx(loss.item(), rel=1e-6)
+    replay_loss(resumed, model, other, second)  # a different number of calls before the same batch
+    assert replay_loss(resumed, model, batch, second).item() == pytest.approx(loss.item(), rel=1e-6)
     assert datasets["synth_image_caption"].epoch == 0  # replay leaves the shared dataset's epoch alone
 
 

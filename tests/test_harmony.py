@@ -14,7 +14,8 @@ from micl.data.collator import MultimodalCollator
 from micl.errors import ConfigError, MiclError
 from micl.hub import finished_phases, phase_payload
 from micl.methods import METHODS
-from micl.methods.harmony import FeatureModulator, Harmony, HarmonyArgs, alignment_terms, hybrid_alignment_loss
+from micl.methods.harmony import (PROXIES, FeatureModulator, Harmony, HarmonyArgs, alignment_terms,
+                                  hybrid_alignment_loss)
 from micl.modeling.llm import load_llm
 from micl.modeling.multimodal import MultimodalLM
 from micl.run_folder import MODULATOR_FILE, UPDATES_FILE
@@ -67,11 +68,13 @@ def test_fusion_starts_as_identity_and_only_for_later_modalities():
     out = modulator(x)
     assert torch.equal(out["image"], x["image"])  # the first modality is never modulated
     assert not torch.allclose(out["audio"], x["audio"]) and out["audio"].shape == x["audio"].shape
-    assert modulator.records == []  # records only in training with gradients
+    aux = {}
+    modulator(x, aux=aux)
+    assert aux == {}  # proxies recorded only in training with gradients
     modulator.train()
-    modulator(x)
-    assert [r["modality"] for r in modulator.records] == ["audio", "video"]
-    assert list(modulator.records[1]["proxies"]) == ["image", "audio"]
+    modulator(x, aux=aux)
+    assert list(aux[PROXIES]) == ["audio", "video"]
+    assert list(aux[PROXIES]["video"]) == ["image", "audio"]
 
 
 def test_modulator_rebuilds_from_its_config():
@@ -99,6 +102,24 @@ def test_alignment_loss_small_when_aligned_positive_otherwise():
     t = alignment_terms(z, y, prototype)
     expected = 1.5 * (t["mse"] + 0.8 * t["contrastive"] + 0.6 * t["distribution"])
     assert hybrid_alignment_loss(z, y, prototype).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_alignment_loss_comes_with_the_main_forward_not_the_last_one(tiny_models):
+    """`[lwf, harmony]`: the teacher's forward runs between the main forward and harmony's extra_loss; the
+    loss reads the proxies from the main forward's outputs, so it does not change (nor vanish)."""
+    model = build(tiny_models)
+    model.set_media_modulator(modulator_with(("image",), dim=model.llm.get_input_embeddings().embedding_dim))
+    batch, method = media_batch(model), Harmony()
+    model.train()
+    outputs = model(**model_inputs(batch))
+    assert list(outputs.aux[PROXIES]) == ["audio"]  # the image is the historical modality
+    expected = method.extra_loss(model, batch, outputs, None)
+    assert expected is not None and expected.item() > 0
+    model.eval()
+    with torch.no_grad():
+        model(**model_inputs(batch))
+    model.train()
+    assert torch.equal(method.extra_loss(model, batch, outputs, None), expected)
 
 
 # ---- phase folders: merged base weights + modulator ------------------------------------------------------

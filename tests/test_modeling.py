@@ -72,6 +72,28 @@ def test_media_embeddings_replace_placeholders(tiny_models):
         assert torch.equal(embeds[~batch["media_mask"]], text[~batch["media_mask"]])
 
 
+def test_forward_returns_media_tokens_and_on_request_the_final_hidden_states(tiny_models):
+    model, builder = build(tiny_models)
+    feats = [torch.randn(4, 12), torch.randn(2, 6)]
+    batch = MultimodalCollator(model.tokenizer.pad_token_id)([
+        example(builder, "describe.", "image", feats[0], "x"), example(builder, "q?", "audio", feats[1], "y")])
+    captured = []
+    hook = model.llm.get_decoder().register_forward_hook(lambda m, a, out: captured.append(out.last_hidden_state))
+    with torch.no_grad():
+        plain = model(**batch)
+        out = model(**batch, output_hidden_states=True)
+    hook.remove()
+    assert plain.hidden_states is None and plain.aux == {}
+    assert torch.equal(out.hidden_states, captured[1])  # after the last norm, every position
+    assert out.hidden_states.shape[:2] == batch["input_ids"].shape
+    head = model.llm.get_output_embeddings()
+    assert torch.allclose(head(out.hidden_states[:, out.logits_offset:]), out.logits, atol=1e-5)
+    assert torch.equal(out.logits, plain.logits)
+    with torch.no_grad():
+        assert torch.equal(out.media_tokens["image"], model.projectors["image"](feats[0][None]))
+        assert torch.equal(out.media_tokens["audio"], model.projectors["audio"](feats[1][None]))
+
+
 def test_loss_backpropagates_into_lora_and_projectors_only(tiny_models):
     model, builder = build(tiny_models)
     batch = MultimodalCollator(model.tokenizer.pad_token_id)([example(builder, "d.", "image", torch.randn(4, 12), "a b")])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..config import RecipeConfig, build_dataclass
 from ..errors import ConfigError
+from ..utils.distributed import deepspeed_requested
 from .base import ContinualMethod, StepContext, TokenSum
 from .registry import METHODS, PLUGIN_ERRORS, discover, register
 
@@ -22,6 +23,11 @@ def check_capabilities(classes: list[type[ContinualMethod]], config: RecipeConfi
         if cls.requires_tuner is not None and config.lora.type != cls.requires_tuner:
             raise ConfigError(f"{source}: method {cls.name!r} needs 'lora.type: {cls.requires_tuner}', "
                               f"got 'lora.type: {config.lora.type}'")
+    unsupported = [cls.name for cls in classes if not cls.supports_deepspeed]
+    if unsupported and deepspeed_requested():
+        raise ConfigError(f"{source}: method {', '.join(unsupported)} is not supported under DeepSpeed (e.g. it "
+                          f"reads the gradients in .grad, which DeepSpeed keeps in its own buffers); launch with "
+                          f"DDP (recipes/accelerate/ddp.yaml, docs/distributed.md)")
     modulators = [cls.name for cls in classes if cls.uses_media_modulator]
     if len(modulators) > 1:
         raise ConfigError(f"{source}: 'method' lists {' and '.join(modulators)}; each installs a media modulator "

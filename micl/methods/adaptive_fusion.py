@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from ..modeling.fusion import AdaptiveFusion, paired_infonce
+from ..modeling.fusion import POOLED, AdaptiveFusion, paired_infonce
 from ..utils.io import atomic_write_json
 from .base import ContinualMethod, StepContext, unwrap_model
 from .registry import register
@@ -75,11 +75,9 @@ class AdaptiveFusionMethod(ContinualMethod):
 
     def extra_loss(self, model, batch: dict, outputs, ctx: StepContext):
         """mi_weight x paired InfoNCE of the main forward's video/sound pairs (needs two of them)."""
-        fusion = unwrap_model(ctx.model if ctx is not None and ctx.model is not None else model).media_modulator
-        pooled = getattr(fusion, "last_pooled", None)
+        pooled = (outputs.aux or {}).get(POOLED)
         if pooled is None or self.args.mi_weight == 0 or pooled[0].shape[0] < 2:
             return None
-        fusion.last_pooled = None
         return self.args.mi_weight * paired_infonce(*pooled, self.args.mi_temperature)
 
     def on_task_end(self, ctx: StepContext) -> None:

@@ -8,8 +8,30 @@ The task-order loop and the Trainer call, for every method of a recipe, in this 
                                              other inputs; the Trainer backpropagates each as soon as it
                                              is yielded, so one graph is alive at a time
     extra_loss(model, batch, outputs, ctx)   every training batch, added to the cross-entropy
+    before_optimizer_step(model, batches, ctx)
+                                             once per optimizer step, on every process
     on_epoch_end(ctx)                        after every epoch
     on_task_end(ctx)                         once, after training, before evaluation
+
+What hooks read comes through their arguments: `outputs` of `extra_loss` is the main forward's
+MultimodalOutput (loss, logits, the projected `media_tokens`, the media modulator's `aux`, and the LLM's
+final `hidden_states` when the class sets `uses_hidden_states`); a hook that runs forwards of its own reads
+their outputs. Module attributes set by a forward are not a channel: the next forward (a teacher's, another
+method's) overwrites them. `model` is the module the Trainer trains: under DDP / DeepSpeed the wrapper (call
+it for forwards that belong to the training step); `ctx.model` (or `unwrap_model(model)`) is the
+MultimodalLM itself, for attributes, and for forwards whose gradients must not go through the wrapper's
+gradient reduction (e.g. `torch.autograd.grad` of a loss of one's own).
+
+The optimizer-step hook. `before_optimizer_step` runs when the gradients of the whole global batch are
+ready in the parameters' `.grad` (every micro-batch of the step backpropagated; under DDP all-reduced, so
+equal on every process) and before gradient clipping and the optimizer step: a method may read and
+change them there (gradient projection, e.g. A-GEM). `batches` are this process's micro-batches of the
+step (after `augment_batch`), to key its random draws on. Every process calls it, so collectives (an
+all-reduce of a gradient of one's own) are allowed. Under fp16 with a loss scaler the gradients are still
+scaled there (scale-invariant operations, such as a projection, are unaffected). Under DeepSpeed the
+gradients live in the engine's buffers, not in `.grad`, and the engine steps inside the backward: a
+method that overrides this hook sets `supports_deepspeed = False`, and such a recipe is refused under
+DeepSpeed before anything runs.
 
 Losses and the global batch. `augment_batch` runs for all micro-batches of an optimizer step before the
 first forward, so that every loss can be normalised by its items in the whole global batch (all
@@ -25,7 +47,7 @@ rank, so that a step killed midway resumes with it. Hooks compose: a recipe may 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -81,7 +103,6 @@ class StepContext:
     epoch: int = 0
     dataset_fn: Any = None  # dataset_fn(task_spec, split) -> EncodedTaskDataset (features cached)
     collate_fn: Any = None  # list of dataset items -> model batch
-    extra: dict = field(default_factory=dict)
 
 
 class ContinualMethod:
@@ -90,9 +111,11 @@ class ContinualMethod:
     loss_items: tuple[str, ...] = ()  # item kinds its TokenSums are normalised by (besides "labels")
     # capabilities, read by the core and the preflight (which never name a method):
     supports_zero3 = True  # False: refused under DeepSpeed ZeRO-3 before anything runs
+    supports_deepspeed = True  # False: refused under DeepSpeed (any stage), e.g. it needs the gradients in .grad
     requires_tuner: str | None = None  # the `lora.type` the method needs (None: any)
     uses_teacher = False  # shares the step's previous-model teacher (micl/methods/teacher.py)
     uses_media_modulator = False  # installs a media modulator on the model (at most one method may)
+    uses_hidden_states = False  # the main forward returns the LLM's final hidden states (outputs.hidden_states)
 
     def __init__(self, args=None):
         self.args = args
@@ -118,6 +141,10 @@ class ContinualMethod:
     def extra_loss(self, model, batch: dict, outputs, ctx: StepContext):
         """A loss tensor added to the cross-entropy, or None."""
         return None
+
+    def before_optimizer_step(self, model, batches: list[dict], ctx: StepContext) -> None:
+        """Called once per optimizer step, with the global batch's gradients in `.grad`, before clipping and the
+        step (see the module docstring); `batches`: this process's micro-batches of the step."""
 
     def on_epoch_end(self, ctx: StepContext) -> None:
         """Called after every training epoch."""

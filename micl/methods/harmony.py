@@ -47,6 +47,7 @@ from .base import ContinualMethod, StepContext, unwrap_model
 from .registry import register
 
 KEY = "method_args.harmony"
+PROXIES = "harmony_proxies"  # MultimodalOutput.aux key: {modality: {historical modality: proxies [n, T, d]}}
 
 
 @dataclass
@@ -96,7 +97,6 @@ class FeatureModulator(nn.Module):
         self.modalities: list[str] = []
         for modality in modalities:
             self._add_buffers(modality, torch.zeros(dim), torch.ones(dim))
-        self.records: list[dict] = []  # the last training forward's fused tokens and proxies (alignment loss)
 
     def modulator_config(self) -> dict:
         return {"dim": self.dim, "modalities": list(self.modalities), "num_components": self.num_components,
@@ -155,9 +155,11 @@ class FeatureModulator(nn.Module):
         attention = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(self.fusion_dim), dim=-1)
         return x + torch.tanh(self.fusion_gate).to(x.dtype) * self.out(attention @ v)
 
-    def forward(self, projected: dict[str, torch.Tensor], media_rows=None, media_tasks=None) -> dict[str, torch.Tensor]:
-        self.records = []
-        record = self.training and torch.is_grad_enabled()
+    def forward(self, projected: dict[str, torch.Tensor], media_rows=None, media_tasks=None,
+                aux: dict | None = None) -> dict[str, torch.Tensor]:
+        """The fused tokens; in training with gradients, the proxies of every modulated modality go into
+        `aux[PROXIES]` (the alignment loss pairs them with the fused tokens, MultimodalOutput.media_tokens)."""
+        record = aux is not None and self.training and torch.is_grad_enabled()
         result = {}
         for modality, x in projected.items():
             others = self.historical(modality)
@@ -167,7 +169,7 @@ class FeatureModulator(nn.Module):
             proxies = [self.proxies(x, h) for h in others]
             fused = self.fuse(x, torch.cat(proxies, dim=1))
             if record:
-                self.records.append({"modality": modality, "fused": fused, "proxies": dict(zip(others, proxies))})
+                aux.setdefault(PROXIES, {})[modality] = dict(zip(others, proxies))
             result[modality] = fused
         return result
 
@@ -254,17 +256,18 @@ class Harmony(ContinualMethod):
             modulator.set_prototype(modality, proto["mean"], proto["std"])
 
     def extra_loss(self, model, batch: dict, outputs, ctx: StepContext):
-        modulator = unwrap_model(ctx.model if ctx is not None and ctx.model is not None else model).media_modulator
-        if modulator is None or not modulator.records or self.args.lambda_align == 0:
+        """The hybrid alignment of the main forward's fused tokens with their historical proxies."""
+        records = (outputs.aux or {}).get(PROXIES)
+        if not records or self.args.lambda_align == 0:
             return None
+        modulator = unwrap_model(ctx.model if ctx is not None and ctx.model is not None else model).media_modulator
         a, losses = self.args, []
-        for record in modulator.records:
-            z = record["fused"].mean(1)
-            for modality, proxies in record["proxies"].items():
-                prototype = modulator.prototype(modality)[0]
+        for modality, proxies_of in records.items():
+            z = outputs.media_tokens[modality].mean(1)
+            for historical, proxies in proxies_of.items():
+                prototype = modulator.prototype(historical)[0]
                 losses.append(hybrid_alignment_loss(z, proxies.mean(1), prototype, a.lambda_align, a.lambda_con,
                                                     a.lambda_dis, a.temperature))
-        modulator.records = []
         return torch.stack(losses).mean() if losses else None
 
     def on_task_end(self, ctx: StepContext) -> None:
@@ -274,7 +277,6 @@ class Harmony(ContinualMethod):
         modulator = model.media_modulator
         for modality, proto in self.prototypes.items():
             modulator.set_prototype(modality, proto["mean"], proto["std"])
-        modulator.records = []
         if self.args.merge_after_phase:
             from ..adapters.gated_lora import low_rank_factors, reset_gated_lora
 

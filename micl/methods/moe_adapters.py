@@ -5,9 +5,10 @@ Per training batch, the loss is CE plus
 - balance_coef * mean over MoE layers of the Switch load-balancing loss of the main forward
   (E * sum_e f_e * P_e, 1 when balanced; `MoeLoraLayer.balance_loss`);
 - align_weight * L_align. The paper pulls each modality's representation toward the fused joint one. Here,
-  on the LLM's final hidden states (the input of the output embedding, captured by a forward pre-hook) of
-  the main batch: z_media = mean over the sample's media tokens, z_text = mean over its prompt text tokens
-  (attention mask 1, label -100, not media), z_joint = mean over all its prompt tokens (media + text);
+  on the LLM's final hidden states of the main batch (the LM head's input at every position:
+  `outputs.hidden_states` of the main forward, which the trainer asks for because the class declares
+  `uses_hidden_states`): z_media = mean over the sample's media tokens, z_text = mean over its prompt text
+  tokens (attention mask 1, label -100, not media), z_joint = mean over all its prompt tokens (media + text);
   L_align = mean over samples with media of [(1 - cos(z_media, sg(z_joint))) + (1 - cos(z_text, sg(z_joint)))] / 2,
   the joint representation being the anchor (stop-gradient), so each modality moves toward it and not the
   reverse. Samples without media tokens or without text tokens contribute only the terms they have.
@@ -148,32 +149,12 @@ def _llm(model):
     return model.llm if hasattr(model, "llm") else model
 
 
-class _HiddenCapture:
-    """Forward hook on the LLM's decoder: keeps its output (the final hidden states, every position) of the
-    last forward. (The LM head's input would do too, but it only sees the positions whose logits are kept.)"""
-
-    def __init__(self, module: torch.nn.Module):
-        self.hidden: torch.Tensor | None = None
-        self.handle = module.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output):
-        hidden = getattr(output, "last_hidden_state", None)
-        self.hidden = hidden if hidden is not None else (output[0] if isinstance(output, tuple) else None)
-
-    def take(self) -> torch.Tensor | None:
-        hidden, self.hidden = self.hidden, None
-        return hidden
-
-    def remove(self) -> None:
-        self.handle.remove()
-        self.hidden = None
-
-
 @register
 class MoeAdapters(ContinualMethod):
     name = "moe_adapters"
     Args = MoeAdaptersArgs
     requires_tuner = "moe_lora"
+    uses_hidden_states = True
 
     def __init__(self, args: MoeAdaptersArgs | None = None):
         super().__init__(args or MoeAdaptersArgs())
@@ -181,7 +162,6 @@ class MoeAdapters(ContinualMethod):
         self.memory: list[tuple[str, int]] = []  # (task, training index)
         self.old_reps: torch.Tensor | None = None  # [len(memory), d] joint representations, CPU float32
         self.history: list[dict] = []  # per finished task: counts, frequencies, newly frozen experts
-        self._capture: _HiddenCapture | None = None
         self._snapshot: dict[int, torch.Tensor] = {}
         self._snapshot_params: list[torch.nn.Parameter] = []
         self._layers: list = []  # the MoE layers of the model, found at task start
@@ -248,9 +228,6 @@ class MoeAdapters(ContinualMethod):
         with torch.no_grad(), gathered(self._snapshot_params):  # full values under ZeRO-3
             self._snapshot = {i: p.detach().clone() for i, p in enumerate(self._snapshot_params)}
         self._calls = 0
-        if self._capture is not None:
-            self._capture.remove()
-        self._capture = _HiddenCapture(_llm(ctx.model).get_decoder())
 
     def on_epoch_end(self, ctx: StepContext) -> None:
         self._restore_frozen()
@@ -281,9 +258,6 @@ class MoeAdapters(ContinualMethod):
         self._write_record(ctx, record)
         self._update_memory(ctx)
         self._store_old_reps(ctx)
-        if self._capture is not None:
-            self._capture.remove()
-            self._capture = None
         self._snapshot, self._snapshot_params = {}, []
 
     @staticmethod
@@ -347,8 +321,7 @@ class MoeAdapters(ContinualMethod):
     def _joint_reps(self, model, batch: dict, device) -> torch.Tensor:
         """Joint representations (mean final hidden state over the prompt tokens) of a memory batch."""
         inputs = move_to({k: v for k, v in model_inputs(batch).items() if k != "labels"}, device)
-        model(**inputs)
-        hidden = self._capture.take()
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
         mask = prompt_mask(inputs["attention_mask"], batch["labels"].to(device))
         return masked_mean(hidden, mask)[0]
 
@@ -404,8 +377,8 @@ class MoeAdapters(ContinualMethod):
             losses = [x for x in losses if x is not None]
             if losses:
                 total = self.args.balance_coef * torch.stack(losses).mean()
-        hidden = self._capture.take() if self._capture is not None else None
-        if self.args.align_weight and hidden is not None and hidden.shape[:2] == batch["input_ids"].shape:
+        hidden = outputs.hidden_states
+        if self.args.align_weight and hidden is not None:
             align = alignment_loss(hidden, batch["attention_mask"], batch["media_mask"], batch.get("labels"))
             if align is not None:
                 align = self.args.align_weight * align

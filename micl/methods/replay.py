@@ -24,7 +24,7 @@ import random
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
-from ..modeling.multimodal import model_inputs, move_to
+from ..modeling.multimodal import model_inputs
 from ..modeling.prompting import target_tokens
 from .base import ContinualMethod, StepContext, TokenSum, draw_key
 from .registry import register
@@ -138,14 +138,6 @@ class Replay(ContinualMethod):
         if "replay" in batch:
             outputs = model(**model_inputs(batch["replay"]))
             yield TokenSum(self.args.weight * outputs.loss_sum, "replay")
-
-    def replay_loss(self, model, batch: dict, ctx: StepContext):
-        """weight * mean CE on the replay mini-batch drawn for this training batch, or None (empty buffers)."""
-        augmented = self.augment_batch(batch, ctx)
-        if "replay" not in augmented:
-            return None
-        inputs = move_to(model_inputs(augmented["replay"]), batch["input_ids"].device)
-        return self.args.weight * model(**inputs).loss
 
     # ---- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -34,6 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# MultimodalOutput.aux keys
+POOLED = "fusion_pooled"  # (p_v, p_a) [n, d] each of the rows with both media, in training with gradients
+DECISIONS = "fusion_decisions"  # the forward's decisions, detached (rows, tasks, r, weights, fuse, stronger)
+
 
 def paired_infonce(x: torch.Tensor, y: torch.Tensor, temperature: float = 0.3) -> torch.Tensor:
     """Symmetric InfoNCE of n paired vectors [n, d]: pair i is the positive of i, the other rows negatives.
@@ -66,8 +70,6 @@ class AdaptiveFusion(nn.Module):
         self.routers = nn.ModuleDict()  # keyed by the task's position in self.tasks (task names may hold '.')
         for task in tasks:
             self.add_task(task)
-        self.last_decisions: dict | None = None  # the last forward's decisions, detached (for inspection)
-        self.last_pooled: tuple | None = None  # (p_v, p_a) of the last training forward, for an alignment loss
 
     def modulator_config(self) -> dict:
         return {"dim": self.dim, "threshold": self.threshold, "tasks": list(self.tasks),
@@ -111,9 +113,12 @@ class AdaptiveFusion(nn.Module):
         alone = F.one_hot(decision["stronger"], 2).to(w.dtype) * (1 + w - w.detach())
         return torch.where(decision["fuse"][:, None], 2 * w, alone)
 
-    def forward(self, projected: dict[str, torch.Tensor], media_rows=None, media_tasks=None) -> dict:
+    def forward(self, projected: dict[str, torch.Tensor], media_rows=None, media_tasks=None,
+                aux: dict | None = None) -> dict:
+        """The scaled tokens; the decisions (and, in training with gradients, the pooled pairs for an
+        alignment loss) go into `aux` under DECISIONS and POOLED."""
         first, second = self.modalities
-        self.last_decisions = self.last_pooled = None
+        aux = {} if aux is None else aux
         if media_rows is None or first not in projected or second not in projected:
             return projected
         rows_first, rows_second = media_rows[first].tolist(), media_rows[second].tolist()
@@ -127,11 +132,11 @@ class AdaptiveFusion(nn.Module):
         tasks = [media_tasks[row] if media_tasks is not None else "" for _, _, row in pairs]
         pooled_x, pooled_y = x[index_x].mean(1), y[index_y].mean(1)
         if self.training and torch.is_grad_enabled():
-            self.last_pooled = (pooled_x, pooled_y)
+            aux[POOLED] = (pooled_x, pooled_y)
         decision = self.decide(pooled_x, pooled_y, tasks)
         scale = self.scales(decision)
-        self.last_decisions = {"rows": [row for _, _, row in pairs], "tasks": tasks,
-                               **{k: v.detach() for k, v in decision.items()}}
+        aux[DECISIONS] = {"rows": [row for _, _, row in pairs], "tasks": tasks,
+                          **{k: v.detach() for k, v in decision.items()}}
         result = dict(projected)
         result[first] = x * x.new_ones(x.shape[0]).index_put((index_x,), scale[:, 0].to(x.dtype))[:, None, None]
         result[second] = y * y.new_ones(y.shape[0]).index_put((index_y,), scale[:, 1].to(y.dtype))[:, None, None]

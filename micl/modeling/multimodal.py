@@ -42,13 +42,24 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "media_mask", "media_features", "
 
 @dataclass
 class MultimodalOutput(ModelOutput):
-    """`logits` cover positions `logits_offset`.. of the batch (see MultimodalLM.forward)."""
+    """What one MultimodalLM.forward computed; a hook reads it from its arguments (`extra_loss(..., outputs,
+    ...)`) or from the forwards it runs itself, never from module attributes that the next forward overwrites.
+
+    `logits` cover positions `logits_offset`.. of the batch. `media_tokens`: {modality: [n, T, d]} the
+    projected media tokens as they enter the LLM (after the media modulator, in the projectors' dtype), None
+    without media. `hidden_states`: the LLM's final hidden states [batch, length, d] (after its last norm: the
+    LM head's input, at every position), only with `output_hidden_states=True`. `aux`: what the media
+    modulator recorded for the methods in this forward (its keys are the modulator's, e.g.
+    harmony's historical proxies)."""
 
     loss: torch.Tensor | None = None
     loss_sum: torch.Tensor | None = None
     num_tokens: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     logits_offset: int | None = None
+    media_tokens: dict | None = None
+    hidden_states: torch.Tensor | None = None
+    aux: dict | None = None
 
 
 def label_window_of(labels) -> int:
@@ -87,8 +98,9 @@ class MultimodalLM(nn.Module):
         # trained from scratch: kept in float32 whatever the LLM's dtype (a bf16 weight does not move at small
         # learning rates); the compute runs in the LLM's dtype under autocast, or is cast in `embed`
         self.projectors = build_projectors(self.media_dims, llm_dim, projector_hidden)
-        # optional: a module called in `embed` as modulator(projected, media_rows, media_tasks), mapping
-        # {modality: projected tokens [n, T, d]} to the same (media_rows / media_tasks as in the batch); it
+        # optional: a module called in `embed` as modulator(projected, media_rows, media_tasks, aux), mapping
+        # {modality: projected tokens [n, T, d]} to the same (media_rows / media_tasks as in the batch) and
+        # putting what methods need from it into `aux` (a dict of this forward: MultimodalOutput.aux); it
         # must have `modulator_config()` -> JSON kwargs of its class, to be rebuilt from a phase folder
         self.media_modulator = None
         self.low_rank_updates: list[dict] = []  # folded into the base weights, in order (merge_low_rank)
@@ -127,9 +139,16 @@ class MultimodalLM(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------------
     def embed(self, input_ids, media_mask, media_features=None, media_rows=None, media_tasks=None, media_masks=None):
+        """The input embeddings, media placeholders replaced by the projected media tokens."""
         embeds = self.llm.get_input_embeddings()(input_ids)
-        if not media_features:
-            return embeds
+        if media_features:
+            media_tokens = self.project_media(media_features, media_rows, media_tasks)
+            embeds = self.place_media(embeds, media_mask, media_tokens, media_rows, media_masks)
+        return embeds
+
+    def project_media(self, media_features: dict, media_rows=None, media_tasks=None, aux: dict | None = None) -> dict:
+        """{modality: projected tokens [n, T, d]}, through the media modulator if there is one (which may
+        record into `aux`)."""
         projected = {}
         for modality, features in media_features.items():
             if modality not in self.projectors:
@@ -137,8 +156,12 @@ class MultimodalLM(nn.Module):
             projector = self.projectors[modality]
             projected[modality] = projector(features.to(projector.dtype))
         if self.media_modulator is not None:  # as trainable as the projectors: the same dtype
-            projected = self.media_modulator(projected, media_rows, media_tasks)
-        projected = {m: tokens.to(embeds.dtype) for m, tokens in projected.items()}
+            projected = self.media_modulator(projected, media_rows, media_tasks, aux)
+        return projected
+
+    def place_media(self, embeds, media_mask, media_tokens: dict, media_rows=None, media_masks=None):
+        """`embeds` with the media placeholders filled by `media_tokens` (cast to the embeddings' dtype)."""
+        projected = {m: tokens.to(embeds.dtype) for m, tokens in media_tokens.items()}
         if media_masks is None:  # a batch not made by MultimodalCollator
             return self._scatter_by_rows(embeds, media_mask, projected, media_rows)
         # each modality's placeholders, filled in row-major order: one item per row and modality, in row order
@@ -168,19 +191,29 @@ class MultimodalLM(nn.Module):
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
     def forward(self, input_ids, attention_mask, media_mask, media_features=None, media_rows=None, media_tasks=None,
-                labels=None, media_masks=None, logits_to_keep=None):
+                labels=None, media_masks=None, logits_to_keep=None, output_hidden_states: bool = False):
         """Logits of the last `logits_to_keep` positions only (0 = all; None = those that predict a target,
         worked out from `labels`): the LM head is a fifth of a 1B model's FLOPs and only the few target
         positions at the end of a left-padded row need it. With labels, the loss is the summed token
-        cross-entropy (`loss_sum`, over `num_tokens` targets) and its mean (`loss`)."""
-        inputs_embeds = self.embed(input_ids, media_mask, media_features, media_rows, media_tasks, media_masks)
+        cross-entropy (`loss_sum`, over `num_tokens` targets) and its mean (`loss`). Also returns the media
+        tokens, the modulator's `aux` and, with `output_hidden_states`, the final hidden states
+        (MultimodalOutput)."""
+        embeds, media_tokens, aux = self.llm.get_input_embeddings()(input_ids), None, {}
+        if media_features:
+            media_tokens = self.project_media(media_features, media_rows, media_tasks, aux)
+            embeds = self.place_media(embeds, media_mask, media_tokens, media_rows, media_masks)
         if logits_to_keep is None:
             logits_to_keep = label_window_of(labels)
         kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep and self._keeps_logits else {}
-        outputs = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+        if output_hidden_states:
+            kwargs["output_hidden_states"] = True
+        outputs = self.llm(inputs_embeds=embeds, attention_mask=attention_mask,
                            position_ids=self.position_ids(attention_mask), **kwargs)
         logits = outputs.logits
-        result = MultimodalOutput(logits=logits, logits_offset=input_ids.shape[1] - logits.shape[1])
+        result = MultimodalOutput(logits=logits, logits_offset=input_ids.shape[1] - logits.shape[1],
+                                  media_tokens=media_tokens, aux=aux)
+        if output_hidden_states:
+            result.hidden_states = outputs.hidden_states[-1]
         if labels is not None:
             targets = labels[:, result.logits_offset + 1:]
             result.loss_sum = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),

@@ -18,7 +18,8 @@ from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import SCHEDULER_NAME
 
-from ..methods.base import TokenSum
+from ..errors import ConfigError
+from ..methods.base import ContinualMethod, TokenSum
 from ..modeling.multimodal import model_inputs
 from .loss_scale import MAIN_ITEMS, GlobalBatchScale
 from ..utils.distributed import gathered
@@ -58,8 +59,18 @@ class MiclTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = True
         self._scale: GlobalBatchScale | None = None
+        self._window: list[dict] = []  # this process's micro-batches of the current optimizer step
         self.methods = list(methods)
         self.ctx = ctx
+        self._forward_kwargs = ({"output_hidden_states": True}
+                                if any(m.uses_hidden_states for m in self.methods) else {})
+        # DeepSpeed keeps the gradients in its own buffers and steps inside the backward: there is no point
+        # between ready gradients and the step (methods that need one declare supports_deepspeed = False)
+        stepping = [m.name for m in self.methods
+                    if type(m).before_optimizer_step is not ContinualMethod.before_optimizer_step]
+        if stepping and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise ConfigError(f"method {', '.join(stepping)}: its optimizer-step hook reads the gradients, which "
+                              f"DeepSpeed does not keep in .grad; not supported under DeepSpeed (use DDP)")
         if ctx is not None:
             ctx.uniform_forwards = (self.accelerator.distributed_type == DistributedType.DEEPSPEED
                                     and self.accelerator.num_processes > 1)
@@ -96,13 +107,25 @@ class MiclTrainer(Trainer):
             batches[i] = batch
         self._scale = GlobalBatchScale.of_window(batches, self.methods, self.args.device,
                                                  self.accelerator.num_processes)
+        self._window = batches
         return batches, self._scale.totals[MAIN_ITEMS]
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's forward and backward of one micro-batch; after the last one of an optimizer step
+        (`accelerator.sync_gradients`: the backward that DDP all-reduces) the methods'
+        `before_optimizer_step`, which the Trainer follows with clipping and the optimizer step. (Its
+        `on_pre_optimizer_step` callback comes after the clipping.)"""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:
+            for method in self.methods:
+                method.before_optimizer_step(model, self._window, self.ctx)
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         training = model.training and torch.is_grad_enabled() and self._scale is not None
         scale = self._scale if training else GlobalBatchScale.of_window([inputs], self.methods, self.args.device, 1)
         auxiliary = self._auxiliary_losses(model, inputs, scale)
-        outputs = model(**model_inputs(inputs))
+        outputs = model(**model_inputs(inputs), **self._forward_kwargs)
         loss = scale.resolve(TokenSum(outputs.loss_sum)) + auxiliary
         for method in self.methods:
             extra = method.extra_loss(model, inputs, outputs, self.ctx)
