@@ -134,6 +134,18 @@ def check_methods(plan: Plan) -> None:
     plan.methods
 
 
+def check_deepspeed(plan: Plan) -> None:
+    """Methods that need the step's gradients in `.grad` (`supports_deepspeed = False`, e.g. A-GEM) are refused
+    under any DeepSpeed stage: DeepSpeed steps inside its own backward."""
+    if plan.zero_stage is None:
+        return
+    refused = [m.name for m in plan.methods if not m.supports_deepspeed]
+    if refused:
+        raise plan.error(f"method {', '.join(refused)} is not supported under DeepSpeed (it changes the gradients "
+                         f"before the optimizer step, which DeepSpeed takes inside its backward); use DDP "
+                         f"(launch.config=ddp)")
+
+
 def check_zero3(plan: Plan) -> None:
     """Under ZeRO-3 the weights are shards on every rank: methods that read or change them outside the
     Trainer's forward (`supports_zero3 = False`) and early stopping (it keeps the best epoch's weights) are
@@ -250,6 +262,7 @@ CHECKS = (
     check_attention,
     check_order,
     check_methods,
+    check_deepspeed,
     check_zero3,
     check_output_dir,
     check_llm,

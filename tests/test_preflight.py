@@ -116,6 +116,13 @@ def test_zero3_refusals_before_launching(no_loading, tmp_path, capsys, overrides
     assert expected in refused(capsys, tmp_path, "launch.config=zero3", *overrides)
 
 
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_methods_that_change_gradients_are_refused_under_deepspeed_before_launching(no_loading, tmp_path, capsys,
+                                                                                    config):
+    line = refused(capsys, tmp_path, f"launch.config={config}", "method=agem")
+    assert "method agem is not supported under DeepSpeed" in line
+
+
 @pytest.mark.parametrize("stage_env", [{"ACCELERATE_DEEPSPEED_CONFIG_FILE": ZERO3_JSON},
                                        {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}])
 def test_zero3_refusals_under_a_launcher(no_loading, tmp_path, capsys, monkeypatch, stage_env):
