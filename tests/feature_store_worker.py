@@ -37,6 +37,10 @@ def main() -> None:
               "index": features.index.tolist(),
               "rows": [features[i].view(torch.int16).tolist() for i in range(len(features))]}
     Path(out, f"rank{local_rank()}.json").write_text(json.dumps(record))
+    # leave together: a process that exits while the other still talks to it over gloo can abort at exit
+    # ("terminate called without an active exception")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -47,8 +47,8 @@ def test_model_is_placed_on_the_launch_device(tiny_models, synth_root, tmp_path,
     """The model goes where the launcher computes as soon as it is built (a GPU under a launcher), not when
     the first Trainer is made: the initial and pre-step evaluations run before it. Here the 'device' is
     PyTorch's meta device, the one other device a CPU-only machine has."""
-    import micl.training.loop as loop
+    import micl.training.model_factory as model_factory
 
-    monkeypatch.setattr(loop, "launch_device", lambda: torch.device("meta"))
+    monkeypatch.setattr(model_factory, "launch_device", lambda: torch.device("meta"))
     run = _run(tiny_models, synth_root, tmp_path, "float32")
     assert {p.device.type for p in run.model.parameters()} == {"meta"}
