@@ -192,10 +192,24 @@ def check_model_source(plan: Plan, key: str, value: str, embedded: list[str]) ->
         if not path.is_dir():
             raise plan.error(f"'{key}': {value!r} is a file; expected a model folder")
         return
-    if path.is_dir() or is_repo_id(value):
+    if path.is_dir() or is_repo_id(value) or in_hub_cache(value):
         return
     raise plan.error(f"'{key}' must be an embedded name ({', '.join(embedded)}), a local folder or a Hub id "
-                     f"OWNER/NAME, got {value!r}")
+                     f"OWNER/NAME, got {value!r} (an owner-less Hub name such as gpt2 is accepted once it is in "
+                     f"the Hugging Face cache; else write its OWNER/NAME, e.g. openai-community/gpt2)")
+
+
+def in_hub_cache(name: str) -> bool:
+    """An owner-less Hub name (gpt2, bert-base-uncased) already in this machine's Hugging Face cache: unlike a
+    typo of an embedded name, it loads."""
+    if "/" in name:
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repo name
+        return False
 
 
 def check_llm(plan: Plan) -> None:

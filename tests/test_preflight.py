@@ -339,3 +339,17 @@ def test_a_live_progress_bar_is_ended_before_the_error_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "training" in err and bar.disable  # drawn, then closed by the CLI
     assert [line for line in err.split("\n") if "micl: error:" in line][0].startswith("micl: error: ")
+
+
+def test_an_owner_less_hub_name_in_the_cache_is_accepted(no_loading, tmp_path, monkeypatch):
+    """`gpt2`, `bert-base-uncased`: Hub names without an owner, accepted when the Hugging Face cache has them."""
+    from micl.preflight import in_hub_cache
+
+    cache = tmp_path / "hf"
+    snapshot = cache / "models--gpt2" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (cache / "models--gpt2" / "refs").mkdir()
+    (cache / "models--gpt2" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    assert in_hub_cache("gpt2") and not in_hub_cache("smollm") and not in_hub_cache("a/b")
