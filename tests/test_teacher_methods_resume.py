@@ -52,6 +52,20 @@ def test_moincl_and_lwf_share_a_teacher_and_a_killed_step_resumes_to_the_same_ru
                 [k for k in want if not torch.equal(got[k], want[k])][:5]
 
 
+def test_moincl_lwf_and_replay_together_over_three_tasks(tiny_models, synth_root, tmp_path):
+    """Two teacher methods and replay in one recipe: one teacher per step (no second 'teacher' adapter), every
+    step finished, the shared teacher gone after the run."""
+    out = tmp_path / "three"
+    args = [*SETTINGS, "method=[moincl,lwf,replay]", "method_args.replay.replay_batch_size=2"]
+    assert main(["train", str(REPO / "recipes" / "moincl.yaml"), *tiny_recipe_overrides(tiny_models, synth_root, out),
+                 *args]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] and len(results["matrix"]) == 3
+    adapter = json.loads((out / "step_2_synth_audio_qa" / "adapter" / "adapter_config.json").read_text())
+    assert "teacher" not in json.dumps(adapter)
+    assert all(step["train_loss"] > 0 for step in results["steps"])
+
+
 class _RunsCode:
     def __reduce__(self):
         import os
