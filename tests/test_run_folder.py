@@ -23,7 +23,7 @@ def _old_run(tiny_models, synth_root, out: Path) -> list[str]:
     subs = {"{LLM}": tiny_models["llm"], "{VIT}": tiny_models["vit"], "{WHISPER}": tiny_models["whisper"],
             "{DATA_ROOT}": str(synth_root), "{OUTPUT_DIR}": str(out)}
     shutil.copytree(OLD_RUN, out, ignore=shutil.ignore_patterns("expected_*"))
-    for path in [out / "run_config.json", *out.glob("step_*/*.json")]:
+    for path in [out / "run_config.json", *out.glob("step_*/**/*.json")]:
         text = path.read_text()
         for placeholder, value in subs.items():
             text = text.replace(placeholder, value)
