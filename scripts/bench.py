@@ -104,6 +104,7 @@ def matmul_flops(size: int = 1024, repeats: int = 20) -> float:
 
 
 def load_default():
+    from micl.adapters import build_peft_config
     from micl.config import LoraArgs
     from micl.modeling.llm import load_llm
     from micl.modeling.multimodal import MultimodalLM
@@ -111,7 +112,7 @@ def load_default():
 
     torch.manual_seed(0)
     llm, tokenizer = load_llm("smollm2-135m-instruct")
-    model = MultimodalLM.with_lora(llm, tokenizer, {"image": 1280}, LoraArgs(dropout=0.0))
+    model = MultimodalLM.with_adapter(llm, tokenizer, {"image": 1280}, build_peft_config(LoraArgs(dropout=0.0)))
     return model, PromptBuilder(tokenizer, "")
 
 
@@ -474,6 +475,7 @@ def bench_moe(repeats: int = 7, batch_size: int = 8, length: int = 128) -> dict:
     default, the same training batch: whole-model forward (training mode, autograd on) and one adapted
     q_proj alone on the same hidden states ([batch, length, 576]); medians of interleaved repeats."""
     from micl.adapters.moe_lora import MoeLoraConfig, moe_layers
+    from micl.adapters import build_peft_config
     from micl.config import LoraArgs
     from micl.modeling.llm import load_llm
     from micl.modeling.multimodal import MultimodalLM
@@ -482,7 +484,7 @@ def bench_moe(repeats: int = 7, batch_size: int = 8, length: int = 128) -> dict:
     torch.manual_seed(0)
     lora = LoraArgs(dropout=0.0)
     llm, tokenizer = load_llm("smollm2-135m-instruct")
-    single = MultimodalLM.with_lora(llm, tokenizer, {"image": 1280}, lora)
+    single = MultimodalLM.with_adapter(llm, tokenizer, {"image": 1280}, build_peft_config(lora))
     llm2, _ = load_llm("smollm2-135m-instruct")
     moe_config = MoeLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0,
                                target_modules=list(lora.target_modules), task_type="CAUSAL_LM", num_experts=10,

@@ -231,7 +231,8 @@ def build_llm(scale: Scale, device: torch.device, dtype: torch.dtype):
 
 
 def build_model(scale: Scale, device: torch.device, dtype: torch.dtype):
-    """MultimodalLM.with_lora over a random Llama with the scale's shapes; (model, PromptBuilder)."""
+    """MultimodalLM.with_adapter (plain LoRA) over a random Llama with the scale's shapes; (model, PromptBuilder)."""
+    from micl.adapters import build_peft_config
     from micl.config import LoraArgs
     from micl.modeling.multimodal import MultimodalLM
     from micl.modeling.prompting import PromptBuilder
@@ -239,7 +240,8 @@ def build_model(scale: Scale, device: torch.device, dtype: torch.dtype):
     torch.manual_seed(0)
     tokenizer = build_tokenizer(scale.llm["vocab_size"])
     llm = build_llm(scale, device, dtype)
-    model = MultimodalLM.with_lora(llm, tokenizer, {"image": scale.vision["hidden_size"]}, LoraArgs(**scale.lora))
+    model = MultimodalLM.with_adapter(llm, tokenizer, {"image": scale.vision["hidden_size"]},
+                                      build_peft_config(LoraArgs(**scale.lora)))
     model.to(device)
     return model, PromptBuilder(tokenizer, None)  # system_prompt None: the chat template's own, as the paper recipe
 

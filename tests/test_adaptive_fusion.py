@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import Killed, crashing, REPO, tiny_recipe_overrides
+from micl.adapters import build_peft_config
 from micl.cli import main
 from micl.config import LoraArgs
 from micl.data.collator import MultimodalCollator
@@ -123,7 +124,8 @@ def test_per_task_routers_and_single_medium_rows_in_one_batch():
 def build(tiny_models):
     torch.manual_seed(0)
     llm, tokenizer = load_llm(tiny_models["llm"])
-    model = MultimodalLM.with_lora(llm, tokenizer, DIMS, LoraArgs(dropout=0.0), settings={"llm": tiny_models["llm"]})
+    model = MultimodalLM.with_adapter(llm, tokenizer, DIMS, build_peft_config(LoraArgs(dropout=0.0)),
+                                      settings={"llm": tiny_models["llm"]})
     return model.eval(), PromptBuilder(tokenizer, "")
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from micl.adapters import build_peft_config
 from micl.config import LoraArgs, ModelArgs
 from micl.errors import ConfigError
 from micl.modeling.encoders.hf_audio import ClapAudioTower, HFAudioEncoder
@@ -279,7 +280,8 @@ def test_projectors_sized_from_encoder_configs(hf_models, tiny_models):
     dims = {m: e.output_dim for m, e in encoders.items()}
     assert dims == {"image": DIMS["siglip"], "video": DIMS["clip"], "audio": DIMS["clap"]}
     llm = AutoModelForCausalLM.from_pretrained(tiny_models["llm"])
-    model = MultimodalLM.with_lora(llm, AutoTokenizer.from_pretrained(tiny_models["llm"]), dims, LoraArgs(dropout=0.0))
+    model = MultimodalLM.with_adapter(llm, AutoTokenizer.from_pretrained(tiny_models["llm"]), dims,
+                                      build_peft_config(LoraArgs(dropout=0.0)))
     for modality, dim in dims.items():
         assert model.projectors[modality].fc1.in_features == dim
         assert model.projectors[modality].norm.normalized_shape == (dim,)

@@ -1,5 +1,6 @@
 import torch
 
+from micl.adapters import build_peft_config
 from micl.config import LoraArgs
 from micl.data.collator import MultimodalCollator
 from micl.modeling.llm import load_llm
@@ -11,8 +12,9 @@ from micl.modeling.prompting import IGNORE_INDEX, PromptBuilder
 def build(tiny_models, dims=None):
     torch.manual_seed(0)
     llm, tokenizer = load_llm(tiny_models["llm"])
-    model = MultimodalLM.with_lora(llm, tokenizer, dims or {"image": 12, "audio": 6}, LoraArgs(dropout=0.0),
-                                   settings={"llm": tiny_models["llm"]})
+    model = MultimodalLM.with_adapter(llm, tokenizer, dims or {"image": 12, "audio": 6},
+                                      build_peft_config(LoraArgs(dropout=0.0)),
+                                      settings={"llm": tiny_models["llm"]})
     return model, PromptBuilder(tokenizer, "")
 
 

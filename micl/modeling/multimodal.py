@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -106,18 +106,6 @@ class MultimodalLM(nn.Module):
         self.low_rank_updates: list[dict] = []  # folded into the base weights, in order (merge_low_rank)
 
     # ---- construction -------------------------------------------------------------------------------
-    @classmethod
-    def with_lora(cls, llm, tokenizer, media_dims, lora_args, projector_hidden=None, settings=None):
-        """Plain LoRA from the recipe's `lora` settings (the tuners of micl/adapters go through with_adapter)."""
-        config = LoraConfig(
-            r=lora_args.r,
-            lora_alpha=lora_args.alpha,
-            lora_dropout=lora_args.dropout,
-            target_modules=list(lora_args.target_modules),
-            task_type="CAUSAL_LM",
-        )
-        return cls.with_adapter(llm, tokenizer, media_dims, config, projector_hidden, settings)
-
     @classmethod
     def with_adapter(cls, llm, tokenizer, media_dims, peft_config, projector_hidden=None, settings=None):
         """The LLM frozen, wrapped by `get_peft_model` with any PEFT config (LoRA or a tuner registered by
