@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .config import LoraArgs, RecipeConfig, validate
 from .errors import ConfigError, DataError
+from .utils.io import looks_local
 
 #: learning-rate schedules of transformers that need settings micl does not pass (evaluation during training,
 #: lr_scheduler_kwargs): refused here rather than when the first Trainer builds its scheduler
@@ -50,7 +51,8 @@ class Plan:
     def methods(self) -> list:
         from .methods import build_methods
 
-        return build_methods(self.config, self.source)
+        # the launching parent knows DeepSpeed from the launch config, a launched process from its environment
+        return build_methods(self.config, self.source, deepspeed=True if self.zero_stage is not None else None)
 
     def needed_splits(self) -> list[str]:
         """The splits a run reads: train, the evaluation split, and val for early stopping."""
@@ -134,18 +136,6 @@ def check_methods(plan: Plan) -> None:
     plan.methods
 
 
-def check_deepspeed(plan: Plan) -> None:
-    """Methods that need the step's gradients in `.grad` (`supports_deepspeed = False`, e.g. A-GEM) are refused
-    under any DeepSpeed stage: DeepSpeed steps inside its own backward."""
-    if plan.zero_stage is None:
-        return
-    refused = [m.name for m in plan.methods if not m.supports_deepspeed]
-    if refused:
-        raise plan.error(f"method {', '.join(refused)} is not supported under DeepSpeed (it changes the gradients "
-                         f"before the optimizer step, which DeepSpeed takes inside its backward); use DDP "
-                         f"(launch.config=ddp)")
-
-
 def check_zero3(plan: Plan) -> None:
     """Under ZeRO-3 the weights are shards on every rank: methods that read or change them outside the
     Trainer's forward (`supports_zero3 = False`) and early stopping (it keeps the best epoch's weights) are
@@ -172,11 +162,6 @@ def check_output_dir(plan: Plan) -> None:
         raise plan.error(f"'output_dir' {str(out)!r} cannot be created: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise plan.error(f"'output_dir' {str(out)!r}: no permission to write in {existing}")
-
-
-def looks_local(name: str) -> bool:
-    """A name meant as a folder, not a Hub id: absolute, ./ ../ ~, or more than one '/'."""
-    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
 
 
 def check_model_source(plan: Plan, key: str, value: str, embedded: list[str]) -> None:
@@ -276,7 +261,6 @@ CHECKS = (
     check_attention,
     check_order,
     check_methods,
-    check_deepspeed,
     check_zero3,
     check_output_dir,
     check_llm,

@@ -138,3 +138,18 @@ def prepare_cli(capsys, dataset: str, root: Path, out: Path, *options: str) -> t
     rc = main(argv)
     captured = capsys.readouterr()
     return rc, captured.out.splitlines(), captured.err
+
+
+def extra_loss_survives_another_forward(method, model, batch):
+    """The method's extra_loss on a training forward's outputs, computed before and after another (eval) forward
+    of the same model in between, as a teacher's would run: returns (outputs, loss before, loss after)."""
+    from micl.modeling.multimodal import model_inputs
+
+    model.train()
+    outputs = model(**model_inputs(batch))
+    before = method.extra_loss(model, batch, outputs, None)
+    model.eval()
+    with torch.no_grad():
+        model(**model_inputs(batch))
+    model.train()
+    return outputs, before, method.extra_loss(model, batch, outputs, None)

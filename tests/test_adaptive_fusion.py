@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import Killed, crashing, REPO, tiny_recipe_overrides
+from conftest import Killed, crashing, REPO, extra_loss_survives_another_forward, tiny_recipe_overrides
 from micl.adapters import build_peft_config
 from micl.cli import main
 from micl.config import LoraArgs
@@ -172,17 +172,10 @@ def test_mutual_information_loss_comes_with_the_main_forward_not_the_last_one(ti
     model, builder = build(tiny_models)
     model.set_media_modulator(AdaptiveFusion(64, tasks=["synth_av_caption"]))
     _, batch = two_media_batch(model, builder)
-    method = AdaptiveFusionMethod()
-    model.train()
-    outputs = model(**model_inputs(batch))
+    outputs, expected, again = extra_loss_survives_another_forward(AdaptiveFusionMethod(), model, batch)
     assert outputs.aux[DECISIONS]["rows"] == [0, 2]
-    expected = method.extra_loss(model, batch, outputs, None)
     assert expected is not None and expected.item() > 0
-    model.eval()
-    with torch.no_grad():
-        model(**model_inputs(batch))
-    model.train()
-    assert torch.equal(method.extra_loss(model, batch, outputs, None), expected)
+    assert torch.equal(again, expected)
 
 
 def test_modulator_saved_and_reloaded_with_its_routers(tiny_models, tmp_path):

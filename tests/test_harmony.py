@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import Killed, crashing, REPO, tiny_recipe_overrides
+from conftest import Killed, crashing, REPO, extra_loss_survives_another_forward, tiny_recipe_overrides
 from micl.adapters.gated_lora import GatedLoraConfig, gated_lora_layers, low_rank_factors, reset_gated_lora
 from micl.cli import main
 from micl.data.collator import MultimodalCollator
@@ -109,17 +109,10 @@ def test_alignment_loss_comes_with_the_main_forward_not_the_last_one(tiny_models
     loss reads the proxies from the main forward's outputs, so it does not change (nor vanish)."""
     model = build(tiny_models)
     model.set_media_modulator(modulator_with(("image",), dim=model.llm.get_input_embeddings().embedding_dim))
-    batch, method = media_batch(model), Harmony()
-    model.train()
-    outputs = model(**model_inputs(batch))
+    outputs, expected, again = extra_loss_survives_another_forward(Harmony(), model, media_batch(model))
     assert list(outputs.aux[PROXIES]) == ["audio"]  # the image is the historical modality
-    expected = method.extra_loss(model, batch, outputs, None)
     assert expected is not None and expected.item() > 0
-    model.eval()
-    with torch.no_grad():
-        model(**model_inputs(batch))
-    model.train()
-    assert torch.equal(method.extra_loss(model, batch, outputs, None), expected)
+    assert torch.equal(again, expected)
 
 
 # ---- phase folders: merged base weights + modulator ------------------------------------------------------

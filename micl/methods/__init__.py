@@ -17,14 +17,16 @@ def get_method(name: str, source: str = "recipe") -> type[ContinualMethod]:
     return METHODS[name]
 
 
-def check_capabilities(classes: list[type[ContinualMethod]], config: RecipeConfig, source: str) -> None:
-    """What the methods of a recipe declare, against the recipe and against each other."""
+def check_capabilities(classes: list[type[ContinualMethod]], config: RecipeConfig, source: str,
+                       deepspeed: bool | None = None) -> None:
+    """What the methods of a recipe declare, against the recipe and against each other. `deepspeed`: the run
+    will use DeepSpeed (None: this process runs under a DeepSpeed launcher)."""
     for cls in classes:
         if cls.requires_tuner is not None and config.lora.type != cls.requires_tuner:
             raise ConfigError(f"{source}: method {cls.name!r} needs 'lora.type: {cls.requires_tuner}', "
                               f"got 'lora.type: {config.lora.type}'")
     unsupported = [cls.name for cls in classes if not cls.supports_deepspeed]
-    if unsupported and deepspeed_requested():
+    if unsupported and (deepspeed_requested() if deepspeed is None else deepspeed):
         raise ConfigError(f"{source}: method {', '.join(unsupported)} is not supported under DeepSpeed (e.g. it "
                           f"reads the gradients in .grad, which DeepSpeed keeps in its own buffers); launch with "
                           f"DDP (recipes/accelerate/ddp.yaml, docs/distributed.md)")
@@ -34,12 +36,12 @@ def check_capabilities(classes: list[type[ContinualMethod]], config: RecipeConfi
                           f"on the model and only one can be used")
 
 
-def build_methods(config: RecipeConfig, source: str = "recipe") -> list[ContinualMethod]:
+def build_methods(config: RecipeConfig, source: str = "recipe", deepspeed: bool | None = None) -> list[ContinualMethod]:
     for key in config.method_args:
         if key not in config.methods:
             raise ConfigError(f"{source}: 'method_args.{key}' given but '{key}' is not in 'method' {config.methods}")
     classes = [get_method(name, source) for name in config.methods]
-    check_capabilities(classes, config, source)
+    check_capabilities(classes, config, source, deepspeed)
     methods = []
     for cls in classes:
         values = config.method_args.get(cls.name) or {}

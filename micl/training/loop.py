@@ -18,8 +18,7 @@ import torch
 from ..config import RecipeConfig
 from ..data.collator import MultimodalCollator
 from ..data.orders import resolve_order
-from ..data.tasks import get_task, recipe_tasks, split_path, use_recipe_tasks
-from ..errors import ConfigError
+from ..data.tasks import get_task, recipe_tasks, use_recipe_tasks
 from ..methods import StepContext, build_methods
 from ..modeling.multimodal import MultimodalLM
 from ..modeling.prompting import PromptBuilder
@@ -180,10 +179,7 @@ class ContinualRun:
         patience = self.config.train.early_stopping_patience
         if patience is None:
             return None
-        dataset = self.dataset(task, "val")
-        if not len(dataset):
-            raise ConfigError(f"train.early_stopping_patience: task {task.name} has no validation samples "
-                              f"({split_path(self.data.root, task.name, 'val')})")
+        self.dataset(task, "val")  # opened with every process (the preflight checked it has samples)
         return EarlyStopping(self.model, lambda: self._evaluate(task, f"val {task.name}", "val")["score"], patience)
 
     def _release_trainer(self) -> None:

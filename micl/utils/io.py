@@ -119,3 +119,9 @@ def yaml_error_line(err) -> str:
     context = getattr(err, "context", None)
     text = f"{problem} ({context})" if context else problem
     return f"line {mark.line + 1}, column {mark.column + 1}: {text}" if mark is not None else text
+
+
+def looks_local(name: str) -> bool:
+    """A model name meant as a folder, not a Hub id (`name` or `owner/name`): absolute, ./ ../ ~, or more
+    than one '/'."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ...errors import ConfigError
+from ...utils.io import looks_local
 
 # weight files transformers loads (safetensors / PyTorch, sharded or not; TF / Flax checkpoints)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
@@ -57,10 +58,6 @@ class HubModel:
         path = Path(self.name).expanduser()
         return path if path.is_dir() else None
 
-    def _looks_like_path(self) -> bool:
-        """A Hub id is `name` or `owner/name`; anything else can only be a folder."""
-        return self.name.startswith(("/", ".", "~")) or self.name.count("/") > 1
-
     def weights_location(self) -> Path:
         """The folder the weights load from on this machine: the local folder, or the snapshot of the Hub id in
         the Hugging Face cache (`.../snapshots/<commit>`), for the feature store's fingerprint."""
@@ -82,7 +79,7 @@ class HubModel:
         from transformers import AutoConfig
 
         folder = self.local_folder()
-        if folder is None and self._looks_like_path():
+        if folder is None and looks_local(self.name):
             raise self.error(f"no such folder; {self.valid}")
         if folder is not None and not (folder / "config.json").is_file():
             raise self.error(f"a folder without a config.json; {self.valid}")
