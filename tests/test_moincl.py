@@ -34,27 +34,58 @@ class Spy(MoInCL):
 
     def on_task_start(self, ctx):
         super().on_task_start(ctx)
-        Spy.seen.append((ctx.task.name, [p for p in self.pseudo if p is not None], self.teacher is not None))
+        Spy.seen.append((ctx.task.name, [p for p in self.pseudo if p is not None], self.teacher is not None,
+                         self.pseudo_num, self.lambda_kl))
 
 
-def test_three_task_run_pseudo_targets_only_when_other_type_learned(tiny_models, synth_root, tmp_path, monkeypatch):
+def test_pseudo_targets_only_at_a_task_type_shift_within_a_seen_modality(tiny_models, synth_root, tmp_path,
+                                                                         monkeypatch):
     monkeypatch.setitem(METHODS, "moincl", Spy)
     Spy.seen = []
     out = tmp_path / "run"
-    assert run(tiny_models, synth_root, out, "order=[synth_image_qa,synth_audio_qa,synth_image_caption,synth_video_qa]") == 0
-    (t0, p0, teacher0), (t1, p1, teacher1), (t2, p2, teacher2), (t3, p3, teacher3) = Spy.seen
+    assert run(tiny_models, synth_root, out, "order=[synth_image_caption,synth_video_qa,synth_image_qa,"
+               "synth_video_caption]", "method_args.moincl.pseudo_num=[1,2,3]",
+               "method_args.moincl.lambda_kl=[0.5,0.25]") == 0
+    (t0, p0, teacher0, *_), (t1, p1, teacher1, *_), (t2, p2, teacher2, n2, kl2), (t3, p3, teacher3, n3, kl3) = Spy.seen
     assert not teacher0 and teacher1 and teacher2 and teacher3
-    assert p0 == [] and p1 == []  # QA after QA: no captioning learned yet, so no pseudo targets
-    assert p2 and all(answer for _, answer in p2)  # captioning after QA: rule-based QA pairs
-    # QA after captioning: the previous model captioned every training input once (cached); empty
-    # captions (a tiny random model often stops at once) are not used as targets
-    cache = json.loads((out / "pseudo_targets" / "step_3_synth_video_qa.json").read_text())
+    # video QA after image captioning: video is a new modality, the teacher's video projector is untrained
+    assert p1 == [] and not (out / "pseudo_targets" / "step_1_synth_video_qa.json").exists()
+    # image QA after image captioning: the previous model captioned every training input once (cached);
+    # empty captions (a tiny random model often stops at once) are not used as targets
+    cache = json.loads((out / "pseudo_targets" / "step_2_synth_image_qa.json").read_text())
     assert len(cache["targets"]) == 8
-    assert [t for _, t in p3] == [t for t in cache["targets"] if t.strip()]
+    assert [t for _, t in p2] == [t for t in cache["targets"] if t]
+    # video captioning after video QA: rule-based QA pairs
+    assert p3 and all(answer for _, answer in p3)
+    # per-step settings from step 1 on, the last repeating
+    assert (n2, kl2, n3, kl3) == (2, 0.25, 3, 0.25)
     results = json.loads((out / "results.json").read_text())
     assert results["complete"] and len(results["matrix"]) == 4
     # the teacher adapter is never saved into a phase
-    assert not (out / "step_3_synth_video_qa" / "adapter" / "teacher").exists()
+    assert not (out / "step_3_synth_video_caption" / "adapter" / "teacher").exists()
+
+
+def test_the_per_step_pseudo_switch_overrides_the_rule(tiny_models, synth_root, tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS, "moincl", Spy)
+    Spy.seen = []
+    # off where the rule says on (image captioning after image QA) and on where it says off (audio captioning
+    # after image QA, audio unseen: the reference's order-2 script does this at AudioCaps)
+    assert run(tiny_models, synth_root, tmp_path / "run", "order=[synth_image_qa,synth_image_caption,"
+               "synth_audio_caption]", "method_args.moincl.pseudo=[false,true]") == 0
+    (_, p0, *_), (_, p1, *_), (_, p2, *_) = Spy.seen
+    assert p1 == [] and p2 and all(answer for _, answer in p2)
+
+
+def test_the_rule():
+    from micl.data.tasks import get_task
+    from micl.methods.moincl import pseudo_targets_apply
+
+    seen = [get_task("synth_audio_caption"), get_task("synth_image_caption")]
+    assert not pseudo_targets_apply(get_task("synth_video_qa"), seen)  # order1, step 2
+    seen.append(get_task("synth_video_qa"))
+    assert pseudo_targets_apply(get_task("synth_audio_qa"), seen)  # order1, step 3
+    assert pseudo_targets_apply(get_task("synth_video_caption"), seen)
+    assert not pseudo_targets_apply(get_task("synth_image_caption"), seen)  # same type as learned: no shift
 
 
 @pytest.mark.parametrize("override, message", [
@@ -112,10 +143,12 @@ def test_one_batched_pass_equals_separate_forwards_of_the_pseudo_rows_and_instru
     extra = batch["moincl"]
     assert 0 < extra["logits_to_keep"] < extra["input_ids"].shape[1]  # long media prompts: not all logits
     losses = list(moincl.auxiliary_losses(model, batch, ctx))[0]
-    pseudo, instructions = (float(loss.value.detach()) for loss in losses)
+    # the pseudo rows' CE is normalised with the batch's targets (one cross-entropy), the KLs by their own
+    assert [loss.items for loss in losses] == ["labels", "moincl.pseudo", "moincl.instructions"]
+    pseudo_ce, pseudo_kd, instructions = (float(loss.value.detach()) for loss in losses)
 
     T, rows = moincl.args.temperature, extra["pseudo_mask"].any(-1)
-    expected_pseudo = expected_instructions = 0.0
+    expected_ce = expected_kd = expected_instructions = 0.0
     for row in range(extra["input_ids"].shape[0]):
         keep = extra["attention_mask"][row].bool()  # the row alone, unpadded, all logits
         single = {"input_ids": extra["input_ids"][row:row + 1, keep],
@@ -132,10 +165,12 @@ def test_one_batched_pass_equals_separate_forwards_of_the_pseudo_rows_and_instru
         if rows[row]:
             mask = target_prediction_mask(labels)[0]
             ce = F.cross_entropy(student[:-1], labels[0, 1:], ignore_index=-100, reduction="sum")
-            expected_pseudo += float(ce + moincl.args.lambda_kl * kl[mask].sum())
+            expected_ce += float(ce)
+            expected_kd += float(moincl.args.lambda_kl * kl[mask].sum())
         else:
             expected_instructions += float(moincl.args.instruction_weight * kl.sum())
-    assert pseudo == pytest.approx(expected_pseudo, rel=1e-4)
+    assert pseudo_ce == pytest.approx(expected_ce, rel=1e-4)
+    assert pseudo_kd == pytest.approx(expected_kd, rel=1e-4) and expected_kd > 1e-3
     assert instructions == pytest.approx(expected_instructions, rel=1e-4) and expected_instructions > 1e-3
     assert int(rows.sum()) == 2 and extra["input_ids"].shape[0] == 5
     moincl.teacher.remove()

@@ -36,7 +36,9 @@ DeepSpeed before anything runs.
 Losses and the global batch. `augment_batch` runs for all micro-batches of an optimizer step before the
 first forward, so that every loss can be normalised by its items in the whole global batch (all
 processes, all accumulation steps; see micl/training/loss_scale.py): a method that returns `TokenSum`s
-names their item kinds in `loss_items` and counts them per batch in `count_loss_items`. A plain tensor
+names their item kinds in `loss_items` and counts them per batch in `count_loss_items` (a method whose rows
+join the main cross-entropy, e.g. MoInCL's pseudo targets, counts their targets as "labels": they add to the
+batch's, so that all are one mean). A plain tensor
 from `extra_loss` / `auxiliary_losses` is a per-batch regulariser: it is averaged over the micro-batches.
 
 `state_dict()` / `load_state_dict()` carry what a method keeps across steps (saved in each phase folder,
@@ -47,7 +49,7 @@ rank, so that a step killed midway resumes with it. Hooks compose: a recipe may 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -103,6 +105,8 @@ class StepContext:
     epoch: int = 0
     dataset_fn: Any = None  # dataset_fn(task_spec, split) -> EncodedTaskDataset (features cached)
     collate_fn: Any = None  # list of dataset items -> model batch
+    # the evaluation's decoding settings (MultimodalLM.generate keywords), for a hook that generates targets
+    decoding: dict = field(default_factory=dict)
 
 
 class ContinualMethod:

@@ -2,13 +2,18 @@
 
 From step 1 on, with the previous step's model as a frozen teacher (`PreviousModelTeacher`: a second
 PEFT adapter, no second LLM):
-- pseudo targets (`pseudo_targets.py`): when the other task type was learned before, `pseudo_num` samples
-  of each batch are duplicated with the other task type's instruction and a pseudo target; they get the
-  cross-entropy plus lambda_kl * T^2 * KL(teacher || student) on the target tokens;
+- pseudo targets (`pseudo_targets.py`): at a task type shift within an already-seen modality (the current
+  task's modality was learned before with the other task type; `pseudo` per step overrides the rule),
+  `pseudo_num` samples of each batch are duplicated with the other task type's instruction and a pseudo
+  target. The duplicates join the batch's cross-entropy (one mean over all target tokens, so their weight is
+  their share of the target tokens, as in the reference), plus lambda_kl * T^2 * KL(teacher || student) on
+  their target tokens (a mean over them);
 - instruction-based knowledge distillation: every batch, `instruction_k` text-only instructions from
   `prompts/instructions.jsonl` go through teacher and student; T^2 * KL at every real token;
 - LoRA interpolation after every epoch: theta = (1 - alpha) * theta_old + alpha * theta_new.
-Total loss: CE + CE(pseudo) + lambda_kl * KL(pseudo) + instruction_weight * KL(instructions).
+Total loss: CE(batch + pseudo rows) + lambda_kl * KL(pseudo) + instruction_weight * KL(instructions).
+`alpha`, `lambda_kl`, `pseudo_num` and `pseudo` take one value or one per step from step 1 on (the last
+repeats), as the reference's run scripts set them per step.
 """
 
 from __future__ import annotations
@@ -26,16 +31,45 @@ from ..modeling.multimodal import model_inputs
 from .base import ContinualMethod, StepContext, TokenSum, batch_indices, draw_key
 from .registry import register
 from .distill import kd_per_position, target_prediction_mask
-from .pseudo_targets import caption_pseudo_targets, load_pseudo_qa_rules, qa_from_caption
+from .pseudo_targets import (caption_pseudo_targets, external_pairs, load_external_pseudo_qa, load_pseudo_qa_rules,
+                             qa_from_caption)
 from .teacher import PreviousModelTeacher
 
 OTHER_TYPE = {"caption": "qa", "qa": "caption"}
 
 
+def as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def per_step(values, step: int):
+    """The value of a per-step setting at `step` (>= 1): a scalar, or a list from step 1 on whose last
+    value repeats."""
+    if not isinstance(values, list):
+        return values
+    return values[min(step - 1, len(values) - 1)]
+
+
+def pseudo_targets_apply(task, seen_tasks) -> bool:
+    """The paper's rule: pseudo targets at a task type shift within an already-seen modality, i.e. the
+    current modality was learned before with the other task type (the teacher can produce that type's
+    outputs for these inputs). A new modality gets none: the teacher's projector for it is untrained."""
+    return (task.modality, OTHER_TYPE[task.task_type]) in {(t.modality, t.task_type) for t in seen_tasks}
+
+
 @dataclass
 class MoInCLArgs:
-    pseudo_num: int = field(default=2, metadata={"help": "pseudo-target duplicates per batch (reference: 1, 2, 4)"})
-    lambda_kl: float = field(default=1.0, metadata={"help": "weight of the KL on pseudo targets"})
+    pseudo_num: list[int] | int = field(default=2, metadata={
+        "help": "pseudo-target duplicates per batch, one value or one per step from step 1 (reference: 1, 2, 4)"})
+    lambda_kl: list[float] | float = field(default=1.0, metadata={
+        "help": "weight of the KL on pseudo targets, one value or one per step from step 1"})
+    pseudo: list[bool] | bool | None = field(default=None, metadata={
+        "help": "pseudo targets on/off, one value or one per step from step 1; null: the paper's rule (a task "
+                "type shift within an already-seen modality)"})
+    pseudo_qa: dict = field(default_factory=dict, metadata={
+        "help": "{task name: JSON file of externally written pseudo QA pairs} for captioning steps, in the "
+                "reference's format {sample or media id: {\"Q\": question, \"A\": answer}}; tasks not "
+                "named get the rule-based pairs of pseudo_qa_rules"})
     temperature: float = 5.0
     instruction_k: int = field(default=4, metadata={"help": "text-only instructions distilled per batch"})
     instruction_weight: float = 1.0
@@ -43,7 +77,9 @@ class MoInCLArgs:
     pseudo_qa_rules: str | None = field(default=None, metadata={"help": "YAML; null = prompts/pseudo_qa.yaml"})
     alpha: list[float] = field(default_factory=lambda: [0.8],
                                metadata={"help": "interpolation weight of the new LoRA per step (last repeats)"})
-    caption_max_new_tokens: int = 20
+    caption_max_new_tokens: int | None = field(default=None, metadata={
+        "help": "new tokens of a pseudo caption (reference: 30); null: eval.max_new_tokens. Beams and "
+                "repetition penalty are the evaluation's (eval.num_beams, eval.repetition_penalty)"})
 
 
 @register
@@ -59,37 +95,64 @@ class MoInCL(ContinualMethod):
         key = "method_args.moincl"
         if any(not 0.0 <= x <= 1.0 for x in a.alpha) or not a.alpha:
             raise ConfigError(f"{key}.alpha must be a non-empty list of numbers in [0, 1], got {a.alpha}")
-        if a.pseudo_num < 0 or a.instruction_k < 0:
+        for name in ("pseudo_num", "lambda_kl", "pseudo"):
+            if getattr(a, name) == []:
+                raise ConfigError(f"{key}.{name} must be a value or a non-empty list (one per step from step 1)")
+        if any(n < 0 for n in as_list(a.pseudo_num)) or a.instruction_k < 0:
             raise ConfigError(f"{key}.pseudo_num and {key}.instruction_k must be >= 0")
-        if a.temperature <= 0 or a.lambda_kl < 0 or a.instruction_weight < 0:
+        if a.temperature <= 0 or any(w < 0 for w in as_list(a.lambda_kl)) or a.instruction_weight < 0:
             raise ConfigError(f"{key}: temperature must be > 0, lambda_kl and instruction_weight >= 0")
+        if a.caption_max_new_tokens is not None and a.caption_max_new_tokens < 1:
+            raise ConfigError(f"{key}.caption_max_new_tokens must be >= 1 or null")
         self.instructions = load_instructions(a.instructions) if a.instruction_k else []
         self.rules = load_pseudo_qa_rules(a.pseudo_qa_rules)
+        self.external_qa = {task: load_external_pseudo_qa(path, f"{key}.pseudo_qa.{task}")
+                            for task, path in a.pseudo_qa.items()}
+        # this step's values (set in on_task_start; step 1's until then)
+        self.pseudo_num, self.lambda_kl = per_step(a.pseudo_num, 1), per_step(a.lambda_kl, 1)
         self.teacher: PreviousModelTeacher | None = None
         self.pseudo: list[tuple[str, str] | None] = []  # per training sample: (instruction, target)
 
     # ---- step lifecycle ------------------------------------------------------------------------------
+    def check_recipe(self, config, source: str) -> None:
+        too_many = [n for n in as_list(self.args.pseudo_num) if n > config.train.batch_size]
+        if too_many:
+            raise ConfigError(f"{source}: method_args.moincl.pseudo_num ({too_many[0]}) is larger than "
+                              f"train.batch_size ({config.train.batch_size})")
+
+    def pseudo_this_step(self, ctx: StepContext) -> bool:
+        other = OTHER_TYPE[ctx.task.task_type]
+        if other not in {t.task_type for t in ctx.seen_tasks}:
+            return False  # the teacher never produced the other type: nothing to distil
+        wanted = per_step(self.args.pseudo, ctx.step)
+        return pseudo_targets_apply(ctx.task, ctx.seen_tasks) if wanted is None else wanted
+
     def on_task_start(self, ctx: StepContext) -> None:
-        if self.args.pseudo_num > ctx.batch_size:
-            raise ConfigError(f"method_args.moincl.pseudo_num ({self.args.pseudo_num}) is larger than "
-                              f"train.batch_size ({ctx.batch_size})")
         self.pseudo = []
         if ctx.step == 0:
             return
+        self.pseudo_num = per_step(self.args.pseudo_num, ctx.step)
+        if self.pseudo_num > ctx.batch_size:
+            raise ConfigError(f"method_args.moincl.pseudo_num ({self.pseudo_num}) is larger than "
+                              f"train.batch_size ({ctx.batch_size})")
+        self.lambda_kl = per_step(self.args.lambda_kl, ctx.step)
         self.teacher = PreviousModelTeacher.acquire(ctx.model)
-        learned = {t.task_type for t in ctx.seen_tasks}
-        other = OTHER_TYPE[ctx.task.task_type]
-        if other in learned and self.args.pseudo_num:
-            self.pseudo = self._make_pseudo(ctx, other)
+        if self.pseudo_num and self.pseudo_this_step(ctx):
+            self.pseudo = self._make_pseudo(ctx, OTHER_TYPE[ctx.task.task_type])
 
     def _make_pseudo(self, ctx: StepContext, other: str) -> list[tuple[str, str] | None]:
         dataset = ctx.train_dataset
         rng = random.Random(f"{ctx.seed}:{ctx.step}:pseudo")
         if other == "caption":
             cache = Path(ctx.run_dir) / "pseudo_targets" / f"step_{ctx.step}_{ctx.task.name}.json"
-            captions = caption_pseudo_targets(self.teacher, dataset, ctx.collate_fn, ctx.batch_size,
-                                              self.args.caption_max_new_tokens, cache)
-            pairs = [(None, c) if c.strip() else None for c in captions]
+            decoding = dict(ctx.decoding)
+            if self.args.caption_max_new_tokens is not None:
+                decoding["max_new_tokens"] = self.args.caption_max_new_tokens
+            captions = caption_pseudo_targets(self.teacher, dataset, ctx.collate_fn, ctx.batch_size, decoding, cache)
+            pairs = [(None, c) if c else None for c in captions]
+        elif ctx.task.name in self.external_qa:
+            pairs = external_pairs(self.external_qa[ctx.task.name], dataset.samples,
+                                   f"method_args.moincl.pseudo_qa.{ctx.task.name}")
         else:
             pairs = [qa_from_caption(s["target"], self.rules, rng) for s in dataset.samples]
         pseudo = []
@@ -104,8 +167,7 @@ class MoInCL(ContinualMethod):
 
     def on_epoch_end(self, ctx: StepContext) -> None:
         if self.teacher is not None:
-            alphas = self.args.alpha
-            self.teacher.interpolate(alphas[min(ctx.step - 1, len(alphas) - 1)])
+            self.teacher.interpolate(per_step(self.args.alpha, ctx.step))
 
     def on_task_end(self, ctx: StepContext) -> None:
         if self.teacher is not None:
@@ -125,7 +187,7 @@ class MoInCL(ContinualMethod):
         dataset = ctx.train_dataset
         items = []
         candidates = [i for i in indices if self.pseudo and self.pseudo[i] is not None]
-        for index in rng.sample(candidates, min(self.args.pseudo_num, len(candidates))):
+        for index in rng.sample(candidates, min(self.pseudo_num, len(candidates))):
             instruction, target = self.pseudo[index]
             items.append(dataset.encode_item(index, instruction, target))
         if not candidates and self.pseudo and indices and ctx.uniform_forwards:
@@ -167,11 +229,15 @@ class MoInCL(ContinualMethod):
         extra = batch.get("moincl")
         if extra is None:
             return {}
-        return {"moincl.pseudo": extra["pseudo_mask"].sum(), "moincl.instructions": extra["instruction_mask"].sum()}
+        pseudo_targets = extra["pseudo_mask"].sum()
+        # the pseudo rows' targets count with the batch's (one cross-entropy over all of them)
+        return {"labels": pseudo_targets, "moincl.pseudo": pseudo_targets,
+                "moincl.instructions": extra["instruction_mask"].sum()}
 
     def auxiliary_losses(self, model, batch: dict, ctx: StepContext):
-        """CE + lambda_kl * KD on the pseudo-target duplicates and KD on the instructions, from one teacher and
-        one student forward over all of them (the teacher's logits are computed just before the student's)."""
+        """The pseudo-target duplicates' CE (a share of the batch's cross-entropy), lambda_kl * KD on them and
+        KD on the instructions, from one teacher and one student forward over all of them (the teacher's
+        logits are computed just before the student's)."""
         extra = batch.get("moincl")
         if extra is None:
             return
@@ -182,6 +248,7 @@ class MoInCL(ContinualMethod):
         rows, columns = extra["kd_rows"], extra["kd_columns"] - student.logits_offset
         kd = kd_per_position(student.logits[rows, columns], teacher[rows, columns], T)  # [distilled positions]
         is_pseudo = extra["kd_is_pseudo"].to(kd.dtype)
-        pseudo = student.loss_sum + self.args.lambda_kl * (kd * is_pseudo).sum()
+        pseudo_kd = self.lambda_kl * (kd * is_pseudo).sum()
         instructions = self.args.instruction_weight * (kd * (1 - is_pseudo)).sum()
-        yield [TokenSum(pseudo, "moincl.pseudo"), TokenSum(instructions, "moincl.instructions")]
+        yield [TokenSum(student.loss_sum, "labels"), TokenSum(pseudo_kd, "moincl.pseudo"),
+               TokenSum(instructions, "moincl.instructions")]

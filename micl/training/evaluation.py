@@ -17,6 +17,12 @@ from ..utils.distributed import is_main_process, is_partitioned, map_sharded
 from ..utils.progress import progress_bar
 
 
+def decoding_settings(eval_args) -> dict:
+    """The recipe's decoding settings as MultimodalLM.generate keywords."""
+    return {"max_new_tokens": eval_args.max_new_tokens, "num_beams": eval_args.num_beams,
+            "repetition_penalty": eval_args.repetition_penalty}
+
+
 def batch_indices(size: int, batch_size: int) -> list[list[int]]:
     return [list(range(start, min(start + batch_size, size))) for start in range(0, size, batch_size)]
 
@@ -39,8 +45,7 @@ def generate_predictions(model, dataset, eval_args, desc: str = "generating", sh
 
     def run(indices: list[int]) -> list[str]:
         batch = collator([dataset[i] for i in indices])
-        texts = generate(batch, max_new_tokens=eval_args.max_new_tokens, num_beams=eval_args.num_beams,
-                         repetition_penalty=eval_args.repetition_penalty)
+        texts = generate(batch, **decoding_settings(eval_args))
         bar.update(1)
         return texts
 

@@ -32,7 +32,7 @@ from .model_factory import build_model
 from .phases import restore_phase, save_phase
 from .callbacks import run_callbacks
 from .early_stopping import EarlyStopping
-from .evaluation import evaluate_task
+from .evaluation import decoding_settings, evaluate_task
 from .results import write_results
 from .run_identity import check_or_write
 from .task_data import TaskData
@@ -155,7 +155,8 @@ class ContinualRun:
         return StepContext(step=step, task=task, seen_tasks=self.tasks[:step], model=self.model,
                            train_dataset=self.dataset(task, "train"), run_dir=str(self.out), seed=self.config.seed,
                            batch_size=self.config.train.batch_size, dataset_fn=self._method_dataset,
-                           collate_fn=MultimodalCollator(self.model.tokenizer.pad_token_id))
+                           collate_fn=MultimodalCollator(self.model.tokenizer.pad_token_id),
+                           decoding=decoding_settings(self.config.eval))
 
     def _method_dataset(self, task, split: str):
         """`ctx.dataset_fn` (TaskData.method_dataset: opened by one process alone)."""

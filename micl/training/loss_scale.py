@@ -34,13 +34,11 @@ def local_counts(batches: list[dict], methods, kinds: list[str], device) -> torc
     on_device = torch.zeros(len(kinds), dtype=torch.long, device=device)
     on_host = torch.zeros(len(kinds), dtype=torch.long)
     for batch in batches:
-        counts = {MAIN_ITEMS: target_tokens(batch["labels"])}
+        counts = [(MAIN_ITEMS, target_tokens(batch["labels"]))]
         for method in methods:
-            counts.update(method.count_loss_items(batch))
-        for i, kind in enumerate(kinds):
-            count = counts.get(kind)
-            if count is None:
-                continue
+            counts.extend(method.count_loss_items(batch).items())
+        for kind, count in counts:  # a method's "labels" add to the batch's: rows it adds to the cross-entropy
+            i = kinds.index(kind)
             if isinstance(count, torch.Tensor) and count.device.type != "cpu":
                 on_device[i] += count.to(on_device.device).long()
             else:
