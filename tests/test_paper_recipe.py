@@ -33,6 +33,27 @@ def test_recipe_is_the_reference_setup():
     assert resolve_order("paper_order2") == ["flickr30k", "msrvtt", "msvd_qa", "okvqa", "audiocaps", "clotho_aqa"]
 
 
+def test_per_step_settings_are_the_reference_scripts():
+    """run_order_1.sh / run_order_2.sh of the reference: --alpha_fusion, --pseudo_num, --lambda_kl per step."""
+    from micl.methods.moincl import MoInCL, MoInCLArgs, per_step, pseudo_targets_apply
+    from micl.data.tasks import get_task
+
+    expected = {
+        RECIPE: {"alpha": [0.1, 0.1, 0.1, 0.5, 0.5], "with_pseudo": {3: (4, 1.0), 4: (1, 0.5), 5: (4, 0.1)}},
+        RECIPE.with_name("moincl_llama32_order2.yaml"): {
+            "alpha": [0.8, 0.5, 0.8, 0.1, 0.5], "with_pseudo": {2: (4, 0.5), 3: (2, 0.1), 5: (4, 1.0)}},
+    }
+    for path, want in expected.items():
+        config = load_recipe(path)
+        args = MoInCLArgs(**config.method_args["moincl"])
+        MoInCL(args)  # valid settings
+        assert args.alpha == want["alpha"] and args.caption_max_new_tokens == 30
+        tasks = [get_task(name) for name in resolve_order(config.order)]
+        pseudo_steps = {step: (per_step(args.pseudo_num, step), per_step(args.lambda_kl, step))
+                        for step in range(1, len(tasks)) if pseudo_targets_apply(tasks[step], tasks[:step])}
+        assert pseudo_steps == want["with_pseudo"], path.name
+
+
 def _real_task_data(synth_root, out):
     """Two real tasks in micl's unified layout (as `micl data prepare` writes them), media borrowed from
     micl-synth: flickr30k (image captioning, 5 references) and clotho_aqa (audio QA)."""
@@ -63,7 +84,10 @@ def test_two_real_tasks_end_to_end_with_tiny_models_of_the_same_kinds(tiny_model
                  "model.image_tokens=16", "model.audio_tokens=4",  # the tiny towers' grids are smaller
                  "data.max_train_samples=8", "data.max_eval_samples=4", "train.epochs=1", "train.batch_size=4",
                  "train.grad_accum=1", "train.save_steps=1", "train.tensorboard=false", "eval.batch_size=4",
-                 "eval.max_new_tokens=6", "eval.forward_transfer=false", "method_args.moincl.instruction_k=1"]) == 0
+                 "eval.max_new_tokens=6", "eval.forward_transfer=false", "method_args.moincl.instruction_k=1",
+                 # audio is new at step 1: pseudo captions are switched on to run them on the real task names
+                 "method_args.moincl.pseudo=true", "method_args.moincl.pseudo_num=2",
+                 "method_args.moincl.lambda_kl=1.0"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["complete"] and results["tasks"] == ["flickr30k", "clotho_aqa"]
     assert len(results["matrix"]) == 2 and len(results["matrix"][1]) == 2
