@@ -130,6 +130,17 @@ def _learned_at(results: dict) -> list[int] | None:
     return None  # one task per step
 
 
+def _registered_metric(task: str) -> str | None:
+    from micl.data.tasks import get_task
+    from micl.errors import DataError
+
+    try:
+        metric = get_task(task).metric
+    except DataError:
+        return None
+    return "cider" if metric == "caption" else metric
+
+
 def run_metrics(results: dict) -> dict:
     """A run's metrics (``results`` as returned by :func:`load_results`), each mean per task metric:
     ``by_metric`` {metric: {tasks, seen, average, average_incremental, forgetting, bwt, fwt, plasticity}},
@@ -140,9 +151,11 @@ def run_metrics(results: dict) -> dict:
     learned_at = _learned_at(results)
     overall = _summary(results)
     names = task_metric_names(results)
-    if not any(names):
-        names = [None] * len(tasks)
-    by_metric = grouped_metrics(results["matrix"], [n or "score" for n in names], initial, pre_step, learned_at)
+    if any(names):  # a task not evaluated yet: the metric its task definition names, if micl knows the task
+        names = [name or _registered_metric(task) for task, name in zip(tasks, names)]
+    else:  # nothing says: one group of every task
+        names = ["score"] * len(tasks)
+    by_metric = grouped_metrics(results["matrix"], names, initial, pre_step, learned_at)
     efficiency = results.get("efficiency")
     if not isinstance(efficiency, dict):
         efficiency = efficiency_summary(results["steps"])
