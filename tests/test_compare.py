@@ -172,3 +172,22 @@ def test_compare_refuses_settings_it_sets_itself(tmp_path, capsys):
     assert "--set seed=3" in capsys.readouterr().err
     assert main([*base, "--set", "output_dir=x"]) == 2
     assert main([*base, "--seeds", "1", "1"]) == 2 and "given twice" in capsys.readouterr().err
+
+
+def test_compare_runs_each_seed_into_its_folder_and_reuses_finished_runs(tiny_models, synth_root, tmp_path, capsys):
+    from conftest import tiny_recipe_overrides
+
+    overrides = [o for o in tiny_recipe_overrides(tiny_models, synth_root, tmp_path / "unused")
+                 if not o.startswith("output_dir=")]
+    out = tmp_path / "compare"
+    argv = ["compare", *_recipes("zeroshot"), "--orders", "quick", "--seeds", "0", "3", "--out", str(out),
+            "--set", *overrides]
+    assert main(argv) == 0
+    for folder, seed in (("zeroshot-quick", 0), ("zeroshot-quick_s3", 3)):
+        assert json.loads((out / folder / "run_config.json").read_text())["seed"] == seed
+        assert json.loads((out / folder / "results.json").read_text())["complete"]
+    table = json.loads((out / "compare.json").read_text())
+    assert [r["seed"] for r in table["runs"]] == [0, 3] and table["cells"][0]["n"] == 2
+    capsys.readouterr()
+    assert main(argv) == 0  # a second time: both runs are finished and reused
+    assert capsys.readouterr().out.count("all 1 steps already finished") == 2
