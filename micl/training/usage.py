@@ -4,14 +4,11 @@ adapter and projectors, and the process's peak resident memory."""
 
 from __future__ import annotations
 
-import logging
 import resource
 import sys
 from pathlib import Path
 
 from ..run_folder import ADAPTER_DIR, METRICS_FILE, MODEL_CONFIG_FILE, PREDICTIONS_FILE, PROJECTORS_FILE
-
-logger = logging.getLogger(__name__)
 
 #: a phase's files that every method has (the model the loop saves, and the loop's own records)
 _BASE_PHASE_FILES = {ADAPTER_DIR, PROJECTORS_FILE, MODEL_CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE}
