@@ -34,7 +34,9 @@ def _train(args) -> int:
     from .utils.distributed import is_main_process
 
     if is_main_process():  # under accelerate launch / torchrun every rank gets here
-        print(f"results: {os.path.join(config.output_dir, 'results.json')} (average {results['average']:.2f})")
+        from .training.results import metric_line
+
+        print(f"results: {os.path.join(config.output_dir, 'results.json')} ({metric_line(results)})")
     return 0
 
 
@@ -47,35 +49,66 @@ def _run_finished(run_dir) -> bool:
     return path.is_file() and bool(json.loads(path.read_text()).get("complete"))
 
 
+_COMPARE_KEYS = ("order", "seed", "output_dir")  # set by micl compare for each run
+
+
+def _compare_command(args) -> str:
+    """The command line that reproduces a comparison (the page names it)."""
+    import shlex
+
+    words = ["micl", "compare", *args.recipes, "--orders", *args.orders]
+    if args.seeds is not None:
+        words += ["--seeds", *map(str, args.seeds)]
+    words += ["--out", str(args.out)]
+    if args.overrides:
+        words += ["--set", *args.overrides]
+    if args.skip_missing:
+        words.append("--skip-missing")
+    return shlex.join(words)
+
+
 def _compare(args) -> int:
+    import gc
     from pathlib import Path
 
-    from .config import load_recipe
+    from .config import load_recipe, parse_override
     from .launch import already_launched
-    from .evaluation.compare import run_summary, write_comparison
+    from .evaluation.compare import run_folder_name, run_summary, write_comparison
     from .training.loop import train
 
-    rows = []
-    for order in args.orders:
-        for recipe in args.recipes:
-            method = Path(recipe).stem
-            run_dir = Path(args.out) / f"{method}-{order}"
-            config = load_recipe(recipe, [f"order={order}", f"output_dir={run_dir}", *args.overrides])
-            if config.launch.config is not None and not already_launched():
-                print(f"[micl compare] {recipe}: launch.config is ignored here (runs one recipe after another in "
-                      f"this process; start micl compare under accelerate launch instead)", flush=True)
-            if args.skip_missing and not _run_finished(run_dir):
-                print(f"[micl compare] {method} / {order}: no finished run in {run_dir}, left out", flush=True)
-                continue
-            print(f"[micl compare] {method} / {order} -> {run_dir}", flush=True)
-            train(config, source=recipe)
-            rows.append(run_summary(run_dir, method, order))
+    for override in args.overrides:
+        key = ".".join(parse_override(override)[0])
+        if key in _COMPARE_KEYS:
+            raise ConfigError(f"--set {override}: micl compare sets '{key}' of every run itself "
+                              f"(--orders, --seeds, --out)")
+    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
+        raise ConfigError(f"--seeds {' '.join(map(str, args.seeds))}: a seed is given twice")
+    rows, missing = [], []
+    for seed in args.seeds if args.seeds is not None else [None]:  # None: each recipe's own seed
+        for order in args.orders:
+            for recipe in args.recipes:
+                method = Path(recipe).stem
+                settings = [f"order={order}", *([] if seed is None else [f"seed={seed}"])]
+                run_seed = load_recipe(recipe, [*settings, *args.overrides]).seed
+                run_dir = Path(args.out) / run_folder_name(method, order, run_seed)
+                config = load_recipe(recipe, [*settings, f"output_dir={run_dir}", *args.overrides])
+                if config.launch.config is not None and not already_launched():
+                    print(f"[micl compare] {recipe}: launch.config is ignored here (runs one recipe after another "
+                          f"in this process; start micl compare under accelerate launch instead)", flush=True)
+                label = f"{method} / {order} / seed {run_seed}"
+                if args.skip_missing and not _run_finished(run_dir):
+                    print(f"[micl compare] {label}: no finished run in {run_dir}, left out", flush=True)
+                    missing.append(str(run_dir))
+                    continue
+                print(f"[micl compare] {label} -> {run_dir}", flush=True)
+                train(config, source=recipe)
+                gc.collect()  # the next run's peak RSS starts from what this one leaves
+                rows.append(run_summary(run_dir, method, order, run_seed))
     if not rows:
         raise MiclError(f"{args.out}: no finished run to compare (--skip-missing trains nothing)")
-    settings = f"`micl compare {' '.join(args.recipes)} --orders {' '.join(args.orders)}" + (
-        f" --set {' '.join(args.overrides)}`" if args.overrides else "`")
-    path = write_comparison(rows, args.out, settings)
-    print(f"comparison: {path}")
+    path = write_comparison(rows, args.out, _compare_command(args), seeds=args.seeds, orders=args.orders,
+                            missing=missing)
+    print(f"comparison: {path}" + (f" ({len(missing)} runs not finished, left out)" if missing else ""))
     return 0
 
 
@@ -177,9 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.epochs=2")
     train.set_defaults(func=_train)
 
-    compare = commands.add_parser("compare", help="run recipes x task orders and tabulate them")
-    compare.add_argument("recipes", nargs="+", help="recipes, one per method (e.g. recipes/finetune.yaml)")
+    compare = commands.add_parser(
+        "compare", help="run recipes x task orders x seeds and tabulate them (mean ± std over seeds)",
+        description="Runs every recipe on every order and seed (finished runs are reused; a killed one resumes), "
+                    "then writes compare.md, compare.json and compare.png in --out: per task metric the average, "
+                    "forgetting, BWT, FWT and plasticity, the final score of every task and the cost of each method, "
+                    "as mean ± sample std over the seeds. Run folders: <recipe>-<order> for seed 0, "
+                    "<recipe>-<order>_s<seed> for the others. See docs/metrics.md.")
+    compare.add_argument("recipes", nargs="+", help="recipes, one per method (e.g. recipes/zeroshot.yaml "
+                                                    "recipes/finetune.yaml recipes/joint.yaml)")
     compare.add_argument("--orders", nargs="+", default=["order1", "order2"], help="task orders")
+    compare.add_argument("--seeds", nargs="+", type=int, default=None,
+                         help="seeds of every run (default: each recipe's own seed)")
     compare.add_argument("--out", default="runs/compare", help="folder of the runs and the table")
     compare.add_argument("--set", dest="overrides", nargs="*", default=[], help="overrides for every run")
     compare.add_argument("--skip-missing", action="store_true",

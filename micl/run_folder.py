@@ -2,7 +2,8 @@
 `MultimodalLM.from_pretrained` alike (imports nothing heavy).
 
 Run folder:
-    run_config.json                  the recipe as resolved (a rerun must match it: micl/training/run_identity.py)
+    run_config.json                  the recipe as resolved (a rerun must match it: micl/training/run_identity.py),
+                                     with the task `order` and, where a step is not one task, the `phases`
     initial_scores.json              scores of the untrained model (baseline of FWT), if enabled
     step_<k>_<task>/                 one phase folder per finished step, moved into place atomically
     .checkpoints/step_<k>/checkpoint-N/   within-step Trainer checkpoints (deleted once the step is saved)
@@ -113,11 +114,20 @@ class RunFolder:
             raise MiclError(f"{self.config_file}: 'order' must be the list of tasks")
         return order
 
+    def phase_names(self) -> list[str]:
+        """The name of each step's phase: its task, or run_config.json's `phases` where a step trains on several
+        tasks or none (micl/training/schedule.py; absent in runs of one task per step)."""
+        phases = _read_json(self.config_file).get("phases") if self.config_file.is_file() else None
+        if isinstance(phases, list) and phases and all(isinstance(p, str) for p in phases):
+            return phases
+        return self.order()
+
     def finished_phases(self, order: list[str] | None = None, complete: bool = False) -> list[Phase]:
-        """The finished phases in step order, up to the first unfinished step. `complete`: a finished phase
-        missing one of its files is an error (a folder copied in part)."""
+        """The finished phases in step order (`order`: the phase names, default `phase_names()`), up to the first
+        unfinished step. `complete`: a finished phase missing one of its files is an error (a folder copied in
+        part)."""
         phases = []
-        for step, task in enumerate(self.order() if order is None else order):
+        for step, task in enumerate(self.phase_names() if order is None else order):
             folder = self.phase_folder(step, task)
             if not (folder / METRICS_FILE).is_file():
                 break

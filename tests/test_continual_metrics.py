@@ -78,3 +78,42 @@ def test_grouped_metrics():
     g = cm.grouped_metrics(R, ["cider", "vqa_accuracy", "cider"])
     assert g["cider"]["average"] == pytest.approx((50 + 90) / 2) and g["cider"]["forgetting"] == pytest.approx(30.0)
     assert g["vqa_accuracy"]["average"] == 65.0 and g["vqa_accuracy"]["bwt"] == pytest.approx(-5.0)
+
+
+def test_plasticity_is_the_mean_score_right_after_learning():
+    assert cm.plasticity(R) == pytest.approx((80 + 70 + 90) / 3)  # R[j][j]
+    assert cm.plasticity_per_task(R) == [80.0, 70.0, 90.0]
+    assert cm.continual_metrics(R)["plasticity"] == pytest.approx(80.0)
+    assert cm.plasticity([[80.0], [60.0, 70.0]]) == pytest.approx(75.0)  # in progress: the tasks seen
+    assert cm.final_scores(R) == [50.0, 65.0, 90.0] and cm.final_scores([[80.0, None]]) == [80.0, None]
+
+
+def test_a_step_that_learns_several_tasks():
+    joint = [[70.0, 60.0, 50.0]]  # every task learned at step 0 (joint training): one row
+    out = cm.continual_metrics(joint, initial_scores=[1.0, 2.0, 3.0], pre_step_scores=[1.0, 2.0, 3.0],
+                               learned_at=[0, 0, 0])
+    assert out["complete"] and out["average"] == pytest.approx(60.0) and out["plasticity"] == pytest.approx(60.0)
+    assert out["forgetting"] is None and out["bwt"] is None and out["fwt"] is None  # nothing learned after anything
+    assert not cm.continual_metrics(joint)["complete"]  # read as one task per step it would be step 0 of 3
+    # tasks 0 and 1 at step 0, task 2 at step 1
+    two = [[80.0, 60.0, 10.0], [70.0, 40.0, 90.0]]
+    L = [0, 0, 1]
+    assert cm.average(two, L) == pytest.approx((70 + 40 + 90) / 3)
+    assert cm.forgetting_per_task(two, L) == [pytest.approx(10.0), pytest.approx(20.0), None]
+    assert cm.backward_transfer(two, L) == pytest.approx(-15.0)
+    assert cm.plasticity_per_task(two, L) == [80.0, 60.0, 90.0]
+    assert cm.forward_transfer(two, initial_scores=[0.0, 0.0, 4.0], learned_at=L) == pytest.approx(6.0)  # R[0][2]
+    assert cm.average_incremental(two, L) == pytest.approx((70 + (70 + 40 + 90) / 3) / 2)
+    with pytest.raises(ValueError, match=r"learned_at\[1\]"):
+        cm.learned_steps([0, -1], 2)
+
+
+def test_grouped_metrics_per_task_metric():
+    g = cm.grouped_metrics(R, ["cider", "exact_match", "cider"], initial_scores=[0.0, 10.0, 20.0],
+                           pre_step_scores=[None, 25.0, 40.0])
+    assert g["cider"]["plasticity"] == pytest.approx((80 + 90) / 2) and g["exact_match"]["plasticity"] == 70.0
+    assert g["cider"]["fwt"] == pytest.approx(20.0) and g["exact_match"]["fwt"] == pytest.approx(15.0)
+    assert g["cider"]["bwt"] == pytest.approx(-30.0) and g["cider"]["seen"] == 2
+    joint = cm.grouped_metrics([[70.0, 60.0]], ["cider", "exact_match"], learned_at=[0, 0])
+    assert joint["cider"] == {"tasks": 1, "seen": 1, "average": 70.0, "forgetting": None, "bwt": None, "fwt": None,
+                              "plasticity": 70.0, "average_incremental": 70.0}

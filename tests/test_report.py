@@ -53,8 +53,11 @@ def test_write_report_complete_run(tmp_path):
     md = _check_outputs(tmp_path)
     assert "| after step | synth_image_caption | synth_audio_qa | synth_video_qa |" in md
     assert "| 2: synth_video_qa | 50.00 | 65.00 | 90.00 |" in md
-    assert "| average | 68.33 |" in md and "| forgetting | 17.50 |" in md and "| bwt | -17.50 |" in md
-    assert "| fwt | – |" in md
+    # one column per task metric, never a mean over CIDEr and accuracies together (68.33 here)
+    assert "| metric | CIDEr (1/1 tasks) | VQA accuracy (1/1 tasks) | exact match (1/1 tasks) | definition |" in md
+    assert "| average | 50.00 | 65.00 | 90.00 |" in md and "68.33" not in md
+    assert "| forgetting | 30.00 | 5.00 | – |" in md and "| bwt | -30.00 | -5.00 | – |" in md
+    assert "| plasticity | 80.00 | 70.00 | 90.00 |" in md and "| fwt | – | – | – |" in md
     assert "### Step 2: `synth_video_qa`" in md and "| synth_audio_qa | vqa_accuracy | 65.00 |" in md
     assert "![Results matrix](matrix.png)" in md and "![Forgetting per task](forgetting.png)" in md
     assert '"method": "finetune"' in md and "Status: complete." in md

@@ -1,8 +1,11 @@
-"""Markdown report of a run: results matrix, continual metrics, per-step metrics, two plots.
+"""Markdown report of a run: results matrix, continual metrics per task metric, cost, per-step metrics, two plots.
 
 ``write_report(run_dir)`` reads ``run_dir/results.json`` and writes, atomically, ``report.md``,
 ``matrix.png`` (heat map of the results matrix) and ``forgetting.png`` (forgetting per task) beside
-it. It works on a run still in progress (partial matrix).
+it. It works on a run still in progress (partial matrix) and on the results.json of earlier releases
+(no ``task_metrics``, ``learned_at``, ``by_metric`` or ``efficiency``: computed from what they have).
+
+Scores of different metrics (CIDEr, accuracy) are never averaged together: every mean is per metric.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from pathlib import Path
 
 from micl.errors import MiclError
 from micl.evaluation.continual import continual_metrics, grouped_metrics
+from micl.evaluation.efficiency import EFFICIENCY_COLUMNS, efficiency_summary, scaled
 from micl.utils.io import atomic_write_bytes, atomic_write_text
 
-__all__ = ["load_results", "render_report", "write_report", "plot_matrix", "plot_forgetting"]
+__all__ = ["load_results", "render_report", "write_report", "plot_matrix", "plot_forgetting", "metric_label",
+           "metric_line", "run_metrics", "task_metric_names"]
 
 _DEFINITIONS = {
     "average": "mean of the last row over the tasks seen so far",
@@ -24,7 +29,14 @@ _DEFINITIONS = {
     "forgetting": "mean over j < T-1 of max_{j<=l<T-1} R[l][j] - R[T-1][j] (lower is better)",
     "bwt": "mean over j < T-1 of R[T-1][j] - R[j][j] (negative = forgetting)",
     "fwt": "mean over 0 < j < T of (score of task j just before step j) - (initial model's score)",
+    "plasticity": "MFT: mean over the tasks of R[j][j], the score right after learning task j",
 }
+_LABELS = {"cider": "CIDEr", "vqa_accuracy": "VQA accuracy", "exact_match": "exact match"}
+
+
+def metric_label(name: str | None) -> str:
+    """How tables name a task metric (CIDEr, VQA accuracy, exact match, or the metric's own name)."""
+    return "score" if name is None else _LABELS.get(name, name)
 
 
 def load_results(run_dir: str | Path) -> dict:
@@ -91,7 +103,7 @@ def _number(v):
     return float(v) if isinstance(v, Real) and not isinstance(v, bool) else None
 
 
-def _task_metric_names(results: dict) -> list[str | None]:
+def task_metric_names(results: dict) -> list[str | None]:
     """Main metric name of each task (from ``task_metrics`` or the steps' ``metric`` fields)."""
     tasks = results["tasks"]
     names: dict[str, str] = {}
@@ -107,6 +119,58 @@ def _task_metric_names(results: dict) -> list[str | None]:
     return [names.get(t) for t in tasks]
 
 
+def _number_list(value) -> list | None:
+    return value if isinstance(value, list) else None
+
+
+def _learned_at(results: dict) -> list[int] | None:
+    learned = results.get("learned_at")
+    if isinstance(learned, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in learned):
+        return learned
+    return None  # one task per step
+
+
+def _registered_metric(task: str) -> str | None:
+    from micl.data.tasks import get_task
+    from micl.errors import DataError
+
+    try:
+        metric = get_task(task).metric
+    except DataError:
+        return None
+    return "cider" if metric == "caption" else metric
+
+
+def run_metrics(results: dict) -> dict:
+    """A run's metrics (``results`` as returned by :func:`load_results`), each mean per task metric:
+    ``by_metric`` {metric: {tasks, seen, average, average_incremental, forgetting, bwt, fwt, plasticity}},
+    ``final_scores`` {task: last-row score or None}, ``efficiency`` (micl/evaluation/efficiency.py: as recorded,
+    else from the steps' records) and ``overall`` (every task together: only meaningful for one metric)."""
+    tasks = results["tasks"]
+    initial, pre_step = _number_list(results.get("initial_scores")), _number_list(results.get("pre_step_scores"))
+    learned_at = _learned_at(results)
+    overall = _summary(results)
+    names = task_metric_names(results)
+    if any(names):  # a task not evaluated yet: the metric its task definition names, if micl knows the task
+        names = [name or _registered_metric(task) for task, name in zip(tasks, names)]
+    else:  # nothing says: one group of every task
+        names = ["score"] * len(tasks)
+    by_metric = grouped_metrics(results["matrix"], names, initial, pre_step, learned_at)
+    efficiency = results.get("efficiency")
+    if not isinstance(efficiency, dict):
+        efficiency = efficiency_summary(results["steps"])
+    return {"overall": overall, "by_metric": by_metric, "task_metrics": dict(zip(tasks, names)),
+            "final_scores": dict(zip(tasks, overall["final_scores"])), "efficiency": efficiency}
+
+
+def metric_line(results: dict) -> str:
+    """The last row's averages, one per metric: 'CIDEr 41.3 | exact match 50.0'."""
+    by_metric = results.get("by_metric")
+    if not isinstance(by_metric, dict) or not by_metric:
+        by_metric = run_metrics(results)["by_metric"]
+    return " | ".join(f"{metric_label(name)} {_fmt(group.get('average'), 1)}" for name, group in by_metric.items())
+
+
 def _summary(results: dict) -> dict:
     """Continual metrics: the values recorded in results.json, computed from the matrix if absent."""
     tasks = results["tasks"]
@@ -115,9 +179,10 @@ def _summary(results: dict) -> dict:
         initial_scores=results.get("initial_scores"),
         pre_step_scores=results.get("pre_step_scores"),
         num_tasks=len(tasks),
+        learned_at=_learned_at(results),
     )
     summary = dict(computed)
-    for key in _DEFINITIONS:
+    for key in ("average", "average_incremental", "forgetting", "bwt", "fwt", "plasticity"):
         recorded = results.get(key)
         if _number(recorded) is not None:
             summary[key] = float(recorded)
@@ -221,7 +286,8 @@ def render_report(results: dict, title: str = "Run report") -> str:
     tasks, matrix = results["tasks"], results["matrix"]
     summary = _summary(results)
     T = summary["num_steps"]
-    status = "complete" if summary["complete"] else f"in progress: {T} of {len(tasks)} steps evaluated"
+    phases = results.get("phases") if isinstance(results.get("phases"), list) else tasks
+    status = "complete" if summary["complete"] else f"in progress: {T} of {len(phases)} steps evaluated"
     out = [f"# {title}", "", f"Tasks in order: {', '.join(f'`{t}`' for t in tasks) or '(none)'}  ",
            f"Status: {status}.", ""]
 
@@ -236,24 +302,32 @@ def render_report(results: dict, title: str = "Run report") -> str:
     for i in range(T):
         row = matrix[i] if i < len(matrix) else []
         cells = [_fmt(_number(v)) for v in row] + ["–"] * (len(tasks) - len(row))
-        rows.append([f"{i}: {tasks[i]}" if i < len(tasks) else str(i)] + cells[: len(tasks)])
+        name = phases[i] if i < len(phases) else None
+        rows.append([f"{i}: {name}" if name else str(i)] + cells[: len(tasks)])
     out += _table(header, rows) + ["", "![Results matrix](matrix.png)", ""]
 
-    out += ["## Continual metrics", ""]
-    out += _table(["metric", "value", "definition"],
-                  [[k, _fmt(summary.get(k)), _DEFINITIONS[k]] for k in _DEFINITIONS])
-    out[-len(_DEFINITIONS) - 1] = "|---|---:|---|"
-    out += ["", "R[i][j] = score of task j after step i, T = steps evaluated so far. "
-            "FWT needs the scores of each task before its step and of the initial model "
-            "(`pre_step_scores`, `initial_scores`); it is – otherwise.", ""]
-    groups = _task_metric_names(results)
-    if len({g for g in groups if g}) > 1:
-        grouped = grouped_metrics(matrix, groups)
-        out += ["By metric (papers report average CIDEr and average accuracy apart):", ""]
-        out += _table(["metric", "tasks seen", "average", "forgetting", "bwt"],
-                      [[g, f"{v['seen']}/{v['tasks']}", _fmt(v["average"]), _fmt(v["forgetting"]),
-                        _fmt(v["bwt"])] for g, v in grouped.items()])
-        out += [""]
+    metrics = run_metrics(results)
+    groups = metrics["by_metric"]
+    out += ["## Continual metrics", "",
+            "Each mean is over the tasks of one metric: scores of different metrics are not averaged together.", ""]
+    header = ["metric"] + [f"{metric_label(g)} ({v['seen']}/{v['tasks']} tasks)" for g, v in groups.items()]
+    if len(groups) == 1:  # one metric: the values results.json recorded
+        rows = [[k, _fmt(summary.get(k)), _DEFINITIONS[k]] for k in _DEFINITIONS]
+    else:
+        rows = [[k] + [_fmt(v.get(k)) for v in groups.values()] + [_DEFINITIONS[k]] for k in _DEFINITIONS]
+    out += _table(header + ["definition"], rows)
+    out[-len(rows) - 1] = "|---|" + "---:|" * len(groups) + "---|"
+    out += ["", "R[i][j] = score of task j after step i, T = steps evaluated so far (a task learned at step s: "
+            "R[s][j] in place of R[j][j]). FWT needs the scores of each task before its step and of the initial "
+            "model (`pre_step_scores`, `initial_scores`); it is – otherwise, and for a run of one step (as forgetting "
+            "and BWT are).", ""]
+    efficiency = metrics["efficiency"]
+    out += ["## Cost", ""]
+    out += _table([title for title, _ in EFFICIENCY_COLUMNS.values()],
+                  [[_fmt(scaled(efficiency, key)) for key in EFFICIENCY_COLUMNS]], text_cols=0)
+    out += ["", "Trainable parameters and extra storage (bytes a phase keeps beyond the adapter and projectors): the "
+            "largest over the steps; peak RSS: the highest step's; wall time: training and evaluation seconds summed "
+            "over the steps (docs/metrics.md).", ""]
 
     out += ["### Forgetting per task", ""]
     fpt = summary["forgetting_per_task"]

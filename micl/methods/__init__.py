@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..config import RecipeConfig, build_dataclass
 from ..errors import ConfigError
 from ..utils.distributed import deepspeed_requested
-from .base import ContinualMethod, StepContext, TokenSum
+from .base import SCHEDULES, ContinualMethod, StepContext, TokenSum
 from .registry import METHODS, PLUGIN_ERRORS, discover, register
 
 
@@ -30,6 +30,14 @@ def check_capabilities(classes: list[type[ContinualMethod]], config: RecipeConfi
         raise ConfigError(f"{source}: method {', '.join(unsupported)} is not supported under DeepSpeed (e.g. it "
                           f"reads the gradients in .grad, which DeepSpeed keeps in its own buffers); launch with "
                           f"DDP (recipes/accelerate/ddp.yaml, docs/distributed.md)")
+    for cls in classes:
+        if cls.schedule not in SCHEDULES:
+            raise ConfigError(f"{source}: method {cls.name!r} declares schedule {cls.schedule!r}; valid: "
+                              f"{', '.join(SCHEDULES)}")
+    scheduled = [cls.name for cls in classes if cls.schedule != "sequential"]
+    if scheduled and len(classes) > 1:
+        raise ConfigError(f"{source}: 'method' lists {', '.join(cls.name for cls in classes)}; {scheduled[0]!r} "
+                          f"sets what each step trains on and is a recipe's only method")
     modulators = [cls.name for cls in classes if cls.uses_media_modulator]
     if len(modulators) > 1:
         raise ConfigError(f"{source}: 'method' lists {' and '.join(modulators)}; each installs a media modulator "

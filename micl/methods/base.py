@@ -54,6 +54,8 @@ from typing import Any
 
 import torch
 
+SCHEDULES = ("sequential", "joint", "untrained")  # the values of ContinualMethod.schedule
+
 
 @dataclass
 class TokenSum:
@@ -120,6 +122,10 @@ class ContinualMethod:
     uses_teacher = False  # shares the step's previous-model teacher (micl/methods/teacher.py)
     uses_media_modulator = False  # installs a media modulator on the model (at most one method may)
     uses_hidden_states = False  # the main forward returns the LLM's final hidden states (outputs.hidden_states)
+    # which tasks each step trains on (micl/training/schedule.py): "sequential" (one task per step), "joint" (one
+    # step over all tasks of the order) or "untrained" (one step, no training: zero-shot); not "sequential": the
+    # recipe's only method
+    schedule = "sequential"
 
     def __init__(self, args=None):
         self.args = args

@@ -60,6 +60,11 @@ def generate_predictions(model, dataset, eval_args, desc: str = "generating", sh
     return [text for texts in batches for text in texts]
 
 
+def main_metric(task) -> str:
+    """The name of the metric a task's score is (the `metric` score_predictions records): CIDEr for `caption`."""
+    return "cider" if task.metric == "caption" else task.metric
+
+
 def score_predictions(task, dataset, predictions: list[str]) -> dict:
     """{"score": main metric, <all metrics>, "predictions": [{id, prediction, references}]}."""
     references = [sample["references"] for sample in dataset.samples]

@@ -1,29 +1,57 @@
-"""results.json (the results matrix and the continual-learning metrics) and the report, rebuilt from the
-finished phases of a run folder."""
+"""results.json (the results matrix, the continual-learning metrics, per metric too, and what the run cost) and the
+report, rebuilt from the finished phases of a run folder."""
 
 from __future__ import annotations
 
 import json
 
-from ..evaluation.continual import continual_metrics
-from ..evaluation.report import write_report
+from ..evaluation.continual import continual_metrics, grouped_metrics
+from ..evaluation.efficiency import efficiency_summary
+from ..evaluation.report import metric_line, write_report
 from ..run_folder import RunFolder
 from ..utils.io import atomic_write_json
 
+__all__ = ["metric_line", "write_results"]
 
-def write_results(folder: RunFolder, task_names: list[str], config: dict) -> dict:
-    finished = folder.finished_records(task_names)
+
+def _step_tasks(record: dict) -> list[str]:
+    """The tasks a step learned (records of one task per step name only their `task`)."""
+    return list(record.get("tasks") or [record["task"]])
+
+
+def write_results(folder: RunFolder, task_names: list[str], config: dict, phases: list[str] | None = None,
+                  task_metrics: dict[str, str] | None = None) -> dict:
+    """`phases`: the name of each step's phase (default: one task per step); `task_metrics`: each task's main
+    metric (its score's name: results are grouped by it, never averaged across metrics)."""
+    phases = phases or task_names
+    finished = folder.finished_records(phases)
     matrix = [row["row"] + [None] * (len(task_names) - len(row["row"])) for row in finished]
     initial = json.loads(folder.initial_scores_file.read_text())["scores"] if folder.initial_scores_file.is_file() else None
-    pre_step = [row.get("pre_step_score") for row in finished]
+    learned_at, pre_step = [], []
+    for step, record in enumerate(finished):
+        scores = record.get("pre_step_scores")
+        for task in _step_tasks(record):
+            learned_at.append(step)
+            pre_step.append(scores.get(task) if isinstance(scores, dict) else record.get("pre_step_score"))
+    task_metrics = dict(task_metrics or {})
+    for record in finished:  # what the evaluations recorded, for a caller that does not say
+        for task, metrics in record.get("metrics", {}).items():
+            task_metrics.setdefault(task, metrics.get("metric"))
+    metrics = continual_metrics(matrix, initial_scores=initial, pre_step_scores=pre_step, num_tasks=len(task_names),
+                                learned_at=learned_at)
     results = {
         "tasks": task_names,
+        "phases": phases,
+        "task_metrics": task_metrics,
         "matrix": matrix,
-        **continual_metrics(matrix, initial_scores=initial, pre_step_scores=pre_step),
+        "learned_at": learned_at,
+        **metrics,
+        "by_metric": grouped_metrics(matrix, [task_metrics.get(t) for t in task_names], initial, pre_step, learned_at),
         "initial_scores": initial,
         "pre_step_scores": pre_step,
+        "efficiency": efficiency_summary(finished),
         "steps": [{k: v for k, v in row.items() if k != "log_history"} for row in finished],
-        "complete": len(finished) == len(task_names),
+        "complete": len(finished) == len(phases),
         "config": config,
     }
     atomic_write_json(folder.results_file, results)
