@@ -107,6 +107,17 @@ def test_default_gate_starts_at_plain_lora_scale():
     torch.testing.assert_close(model(IDS).logits, expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("lora_args", ["defaults", "recipe"])
+def test_micl_builds_the_gate_at_plain_lora_scale(lora_args):
+    """LoraArgs' default and recipes/harmony.yaml give a fresh gate omega = 1."""
+    from micl.config import load_recipe
+
+    args = LoraArgs(type="gated_lora") if lora_args == "defaults" else \
+        load_recipe(str(REPO / "recipes" / "harmony.yaml"), []).lora
+    model = get_peft_model(tiny_llama(), build_peft_config(args))
+    assert all(layer.gate("default").item() == 1.0 for _, layer in gated_lora_layers(model, "default"))
+
+
 def test_merged_equals_unmerged_and_unmerge_restores():
     model = gated(tiny_llama())
     set_gates(model)
