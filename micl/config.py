@@ -64,8 +64,9 @@ class LoraArgs:
     top_k: int = field(default=2, metadata={"tuner": "moe_lora", "help": "experts routed to per token (or sample)"})
     routing: str = field(default="token", metadata={"tuner": "moe_lora", "choices": ["token", "sample"],
                                                     "help": "routing unit"})
-    gate_init: float = field(default=0.5, metadata={"tuner": "gated_lora",
-                                                    "help": "omega = sigmoid(gate) at initialisation, in (0, 1)"})
+    gate_init: float = field(default=1.0, metadata={"tuner": "gated_lora",
+                                                    "help": "omega = 2 * sigmoid(gate) at initialisation, in (0, 2); "
+                                                            "1.0 = plain LoRA's scale"})
 
 
 @dataclass

@@ -91,8 +91,8 @@ def check_tuner_values(plan: Plan) -> None:
         if not 1 <= lora.top_k <= lora.num_experts:
             raise plan.error(f"'lora.top_k' must be an integer between 1 and lora.num_experts ({lora.num_experts}), "
                              f"got {lora.top_k}")
-    if lora.type == "gated_lora" and not 0.0 < lora.gate_init < 1.0:
-        raise plan.error(f"'lora.gate_init' must be in (0, 1) (omega = sigmoid(gate)), got {lora.gate_init}")
+    if lora.type == "gated_lora" and not 0.0 < lora.gate_init < 2.0:
+        raise plan.error(f"'lora.gate_init' must be in (0, 2) (omega = 2 * sigmoid(gate)), got {lora.gate_init}")
 
 
 def check_optimizer(plan: Plan) -> None:

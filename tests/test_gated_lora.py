@@ -58,7 +58,7 @@ def test_forward_is_w0x_plus_gate_scaling_bax():
     x = torch.randn(3, 5, 32)
     W0 = layer.get_base_layer().weight
     A, B, g = layer.gated_lora_A["default"], layer.gated_lora_B["default"], layer.gated_lora_gate["default"]
-    omega, scaling = torch.sigmoid(g), 8 / 4
+    omega, scaling = 2 * torch.sigmoid(g), 8 / 4  # gate_max 2
     by_hand = x @ W0.T + omega * scaling * (x @ A.T @ B.T)
     assert torch.allclose(layer(x), by_hand, atol=1e-6)
     assert not torch.allclose(layer(x), x @ W0.T, atol=1e-3)  # the adapter does something
@@ -85,7 +85,37 @@ def test_fresh_adapter_is_the_identity_with_gate_init():
     model = get_peft_model(base, GatedLoraConfig(r=4, target_modules=TARGETS, gate_init=0.25))
     assert torch.equal(model(IDS).logits, expected)  # B = 0
     for _, layer in gated_lora_layers(model, "default"):
-        assert torch.sigmoid(layer.gated_lora_gate["default"]).item() == pytest.approx(0.25)
+        assert layer.gate("default").item() == pytest.approx(0.25)
+        assert 2 * torch.sigmoid(layer.gated_lora_gate["default"]).item() == pytest.approx(0.25)
+
+
+def test_default_gate_starts_at_plain_lora_scale():
+    """At step 0 a gated adapter with the default config and the same A and B is plain LoRA: omega = 1."""
+    from peft import LoraConfig
+
+    lora = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
+    model = get_peft_model(tiny_llama(), GatedLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    plain = {n: m for n, m in lora.named_modules() if hasattr(m, "lora_A")}
+    with torch.no_grad():
+        for name, layer in gated_lora_layers(model, "default"):
+            assert layer.gate("default").item() == 1.0
+            layer.gated_lora_A["default"].copy_(plain[name].lora_A["default"].weight)
+            layer.gated_lora_B["default"].copy_(plain[name].lora_B["default"].weight)  # random, not zero
+    lora.eval(), model.eval()
+    expected = lora(IDS).logits
+    assert not torch.allclose(expected, tiny_llama()(IDS).logits, atol=1e-3)  # the adapter does something
+    torch.testing.assert_close(model(IDS).logits, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("lora_args", ["defaults", "recipe"])
+def test_micl_builds_the_gate_at_plain_lora_scale(lora_args):
+    """LoraArgs' default and recipes/harmony.yaml give a fresh gate omega = 1."""
+    from micl.config import load_recipe
+
+    args = LoraArgs(type="gated_lora") if lora_args == "defaults" else \
+        load_recipe(str(REPO / "recipes" / "harmony.yaml"), []).lora
+    model = get_peft_model(tiny_llama(), build_peft_config(args))
+    assert all(layer.gate("default").item() == 1.0 for _, layer in gated_lora_layers(model, "default"))
 
 
 def test_merged_equals_unmerged_and_unmerge_restores():
@@ -111,7 +141,7 @@ def test_merge_includes_the_gate():
     with torch.no_grad():
         layer.gated_lora_gate["default"].fill_(0.7)
     A, B = layer.gated_lora_A["default"], layer.gated_lora_B["default"]
-    expected = torch.sigmoid(torch.tensor(0.7)) * 2.0 * (B @ A)
+    expected = 2 * torch.sigmoid(torch.tensor(0.7)) * 2.0 * (B @ A)  # omega * scaling
     assert torch.allclose(layer.get_delta_weight("default"), expected, atol=1e-6)
 
 
@@ -127,7 +157,7 @@ def test_fold_into_base_then_fresh_adapter_keeps_the_output():
     assert torch.allclose(model(IDS).logits, before, atol=1e-5)
     for _, layer in gated_lora_layers(model, "default"):
         assert not layer.gated_lora_B["default"].any()
-        assert layer.gated_lora_gate["default"].item() == pytest.approx(0.0)  # gate_init 0.5
+        assert layer.gated_lora_gate["default"].item() == pytest.approx(0.0)  # gate_init 1.0 of gate_max 2
         assert not layer.merged  # the adapter itself is live (a fresh one), not "merged"
     # A is redrawn deterministically from the seed
     other = gated(tiny_llama())
@@ -199,9 +229,31 @@ torch.save(model(torch.load({str(tmp_path / 'ids.pt')!r})).logits.detach(), {str
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
 
 
+def test_an_adapter_saved_before_gate_max_keeps_its_gate(tmp_path):
+    """adapter_config.json without `gate_max` (written when omega was sigmoid(g)) loads with gate_max 1."""
+    import json
+
+    from peft import PeftModel
+
+    model = gated(tiny_llama())
+    set_gates(model)
+    model.save_pretrained(tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    assert config["gate_max"] == 2.0
+    del config["gate_max"]
+    config["gate_init"] = 0.5
+    config_file.write_text(json.dumps(config))
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter").eval()
+    assert loaded.peft_config["default"].gate_max == 1.0
+    for (_, old), (_, new) in zip(gated_lora_layers(model, "default"), gated_lora_layers(loaded, "default")):
+        assert torch.equal(new.gate("default"), torch.sigmoid(old.gated_lora_gate["default"]))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"r": 0}, "r must be a positive integer"),
-    ({"gate_init": 1.0}, "gate_init must be in (0, 1)"),
+    ({"gate_init": 2.0}, "gate_init must be in (0, 2)"),
+    ({"gate_init": 0.8, "gate_max": 0.5}, "gate_init must be in (0, 0.5)"),
     ({"lora_dropout": 1.5}, "lora_dropout"),
 ])
 def test_bad_config_is_a_clear_error(kwargs, message):

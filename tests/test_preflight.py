@@ -100,8 +100,8 @@ def test_a_key_of_another_tuner_in_the_recipe_file(no_loading, tmp_path, capsys)
 def test_the_tuners_own_ranges(no_loading, tmp_path, capsys):
     line = refused(capsys, tmp_path, "lora.type=moe_lora", "lora.num_experts=4", "lora.top_k=5")
     assert "'lora.top_k' must be an integer between 1 and lora.num_experts (4), got 5" in line
-    line = refused(capsys, tmp_path, "lora.type=gated_lora", "lora.gate_init=1.0")
-    assert "'lora.gate_init' must be in (0, 1)" in line
+    line = refused(capsys, tmp_path, "lora.type=gated_lora", "lora.gate_init=2.0")
+    assert "'lora.gate_init' must be in (0, 2)" in line
 
 
 # ---- methods, launcher, ZeRO-3 ---------------------------------------------------------------------------------

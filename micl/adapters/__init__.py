@@ -26,8 +26,8 @@ def build_peft_config(lora_args) -> PeftConfig:
     if lora_args.type == "gated_lora":
         from .gated_lora import GatedLoraConfig
 
-        if not 0.0 < lora_args.gate_init < 1.0:
-            raise ConfigError(f"lora.gate_init must be in (0, 1) (omega = sigmoid(gate)), got {lora_args.gate_init!r}")
+        if not 0.0 < lora_args.gate_init < 2.0:
+            raise ConfigError(f"lora.gate_init must be in (0, 2) (omega = 2 * sigmoid(gate)), got {lora_args.gate_init!r}")
         return GatedLoraConfig(**common, gate_init=lora_args.gate_init)
     if lora_args.type == "moe_lora":
         from .moe_lora import MoeLoraConfig

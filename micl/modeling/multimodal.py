@@ -37,7 +37,7 @@ from transformers.utils import ModelOutput
 
 #: the batch keys MultimodalLM.forward takes
 MODEL_INPUTS = ("input_ids", "attention_mask", "media_mask", "media_features", "media_rows", "media_tasks", "labels",
-                "media_masks", "logits_to_keep")
+                "media_masks", "logits_to_keep", "media_tokens")
 
 
 @dataclass
@@ -179,15 +179,20 @@ class MultimodalLM(nn.Module):
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
     def forward(self, input_ids, attention_mask, media_mask, media_features=None, media_rows=None, media_tasks=None,
-                labels=None, media_masks=None, logits_to_keep=None, output_hidden_states: bool = False):
+                labels=None, media_masks=None, logits_to_keep=None, output_hidden_states: bool = False,
+                media_tokens=None):
         """Logits of the last `logits_to_keep` positions only (0 = all; None = those that predict a target,
         worked out from `labels`): the LM head is a fifth of a 1B model's FLOPs and only the few target
         positions at the end of a left-padded row need it. With labels, the loss is the summed token
         cross-entropy (`loss_sum`, over `num_tokens` targets) and its mean (`loss`). Also returns the media
         tokens, the modulator's `aux` and, with `output_hidden_states`, the final hidden states
-        (MultimodalOutput)."""
-        embeds, media_tokens, aux = self.llm.get_input_embeddings()(input_ids), None, {}
-        if media_features:
+        (MultimodalOutput). `media_tokens` ({modality: [n, T, d]}, laid out as `media_features`) are media
+        already in the LLM's input space (e.g. synthetic feature proxies): placed as they are, without the
+        projectors or the media modulator."""
+        embeds, aux = self.llm.get_input_embeddings()(input_ids), {}
+        if media_tokens:
+            embeds = self.place_media(embeds, media_mask, media_tokens, media_rows, media_masks)
+        elif media_features:
             media_tokens = self.project_media(media_features, media_rows, media_tasks, aux)
             embeds = self.place_media(embeds, media_mask, media_tokens, media_rows, media_masks)
         if logits_to_keep is None:

@@ -2,11 +2,12 @@
 
 Each targeted linear layer computes
 
-    y = W0 x + omega * scaling * B (A dropout(x)),   omega = sigmoid(g),   scaling = lora_alpha / r
+    y = W0 x + omega * scaling * B (A dropout(x)),   omega = gate_max * sigmoid(g),   scaling = lora_alpha / r
 
-with one learned scalar gate logit g per module and adapter (initialised so that omega = `gate_init`,
-default 0.5), A [r, in] Kaiming-uniform and B [out, r] zero at initialisation (the adapter starts as the
-identity, as LoRA). Merging (PEFT's merge_adapter / merge_and_unload) adds omega * scaling * B A to W0;
+with one learned scalar gate logit g per module and adapter, initialised so that omega = `gate_init`
+(default 1.0 of gate_max 2.0: a fresh adapter has plain LoRA's scale, so that at step 0 it trains exactly
+as LoRA with the same A and B), A [r, in] Kaiming-uniform and B [out, r] zero at initialisation (the
+adapter starts as the identity, as LoRA). Merging (PEFT's merge_adapter / merge_and_unload) adds omega * scaling * B A to W0;
 unmerging subtracts it.
 
 Registered with PEFT's own `register_peft_method` under `PeftType.GATED_LORA` (added to PEFT's enum on

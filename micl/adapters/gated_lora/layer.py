@@ -1,4 +1,5 @@
-"""The gated LoRA layer: y = W0 x + omega * scaling * B (A dropout(x)), omega = sigmoid(gate logit).
+"""The gated LoRA layer: y = W0 x + omega * scaling * B (A dropout(x)), omega = gate_max * sigmoid(gate logit)
+(gate_max 2 by default, the logit starting at 0: omega = 1, plain LoRA's scale).
 
 `low_rank_factors(adapter)` gives (up, down, scale) with up @ down shaped like the base weight and
 scale = omega * scaling, so that delta W = low_rank_delta(up, down, scale) (micl/modeling/low_rank.py) is
@@ -30,7 +31,7 @@ def _is_conv1d(layer: nn.Module) -> bool:
 
 class GatedLoraLayer(BaseTunerLayer):
     adapter_layer_names = ("gated_lora_A", "gated_lora_B", "gated_lora_gate")
-    other_param_names = ("r", "lora_alpha", "scaling", "gated_lora_dropout")
+    other_param_names = ("r", "lora_alpha", "scaling", "gate_max", "gated_lora_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -38,6 +39,7 @@ class GatedLoraLayer(BaseTunerLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.gate_logit_init: dict[str, float] = {}
+        self.gate_max: dict[str, float] = {}
         self.gated_lora_dropout = nn.ModuleDict({})
         self.gated_lora_A = nn.ParameterDict({})
         self.gated_lora_B = nn.ParameterDict({})
@@ -61,6 +63,7 @@ class GatedLoraLayer(BaseTunerLayer):
         self.lora_alpha[adapter_name] = config.lora_alpha
         self.scaling[adapter_name] = config.lora_alpha / r
         self.gate_logit_init[adapter_name] = config.gate_logit
+        self.gate_max[adapter_name] = float(config.gate_max)
         dropout = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.gated_lora_dropout.update(nn.ModuleDict({adapter_name: dropout}))
         self.gated_lora_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
@@ -90,8 +93,8 @@ class GatedLoraLayer(BaseTunerLayer):
         self.gated_lora_gate[adapter_name].fill_(self.gate_logit_init[adapter_name])
 
     def gate(self, adapter_name: str) -> torch.Tensor:
-        """omega = sigmoid(gate logit), shape [1]."""
-        return torch.sigmoid(self.gated_lora_gate[adapter_name])
+        """omega = gate_max * sigmoid(gate logit), shape [1]."""
+        return self.gate_max[adapter_name] * torch.sigmoid(self.gated_lora_gate[adapter_name])
 
     def low_rank_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(up, down, scale), detached: up @ down has the base weight's shape, scale = omega * scaling."""
