@@ -319,7 +319,7 @@ def test_two_media_fusion_and_moe_experts_under_zero3(tiny_models, synth_root, t
     pytest.importorskip("deepspeed")
     extra = ["order=[synth_av_caption,synth_video_qa]", "method=[moe_adapters,adaptive_fusion]", "lora.type=moe_lora",
              "lora.num_experts=4", "lora.top_k=2", "method_args.adaptive_fusion.threshold=-1.0",
-             "method_args.moe_adapters.memory_size=4", "method_args.moe_adapters.preserve_batch_size=2",
+             "method_args.moe_adapters.memory_size=4", "method_args.moe_adapters.memory_batch_size=2",
              "eval.forward_transfer=false"]
     out = tmp_path / "run"
     done = launch("zero3.yaml", tmp_path / "report", _overrides(tiny_models, synth_root, out, 2, extra), timeout=420)

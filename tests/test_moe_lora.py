@@ -153,6 +153,80 @@ def test_frozen_experts_get_no_gradient_and_adamw_with_weight_decay_does_not_mov
     del get_peft_model
 
 
+def test_router_rows_of_frozen_experts_get_no_gradient_and_their_logits_stay():
+    """A frozen expert's router row is used detached: exactly zero gradient, unchanged by AdamW (without weight
+    decay, micl's default: decoupled decay would shrink any parameter with a gradient; the method writes the rows
+    back at every epoch end), so the logit it gets for an input stays as it was while the other rows train."""
+    model = moe_model(E=4, k=2)
+    layers = moe_layers(model)
+    for layer in layers.values():
+        layer.freeze_experts([0, 2])
+    routers = [layer.moe_lora_router["default"].weight for layer in layers.values()]
+    assert all(w.requires_grad for w in routers)  # the router as a whole keeps training
+    before = [w.detach().clone() for w in routers]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    ids = torch.randint(1, 64, (4, 8))
+    model.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
+        for w in routers:
+            assert w.grad[[0, 2]].abs().sum() == 0 and w.grad[[1, 3]].abs().sum() > 0
+        optimizer.step()
+    for w, w0 in zip(routers, before):
+        assert torch.equal(w[[0, 2]], w0[[0, 2]]) and not torch.equal(w[[1, 3]], w0[[1, 3]])
+    layer = next(iter(layers.values()))
+    x = torch.randn(5, layer.in_features)
+    logits = layer.moe_lora_router["default"](x, layer.moe_lora_frozen["default"])
+    torch.testing.assert_close(logits[:, [0, 2]], nn.functional.linear(x, before[0])[:, [0, 2]])
+
+
+@pytest.mark.parametrize("routing", ["token", "sample"])
+def test_gradient_checkpointing_counts_each_token_once_and_recomputes_the_same_routing(tiny_models, routing):
+    """Under train.gradient_checkpointing the decoder layers run again in the backward, after the model's
+    forward cleared the routing context: without the saved context the recomputation counted every token a
+    second time (padding too) and, with sample routing, pooled the whole row and routed differently from the
+    forward, so the gradients were those of another function."""
+    from micl.adapters import build_peft_config
+    from micl.config import LoraArgs
+    from micl.data.collator import MultimodalCollator
+    from micl.modeling.llm import load_llm
+    from micl.modeling.multimodal import MultimodalLM
+    from micl.modeling.prompting import PromptBuilder
+    from test_modeling import example
+
+    def trained(checkpointing: bool):
+        torch.manual_seed(0)
+        llm, tokenizer = load_llm(tiny_models["llm"])
+        config = build_peft_config(LoraArgs(type="moe_lora", dropout=0.0, num_experts=4, top_k=2, routing=routing))
+        model = MultimodalLM.with_adapter(llm, tokenizer, {"image": 12}, config)
+        with torch.no_grad():  # a trained adapter: B and the router away from their initial values
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(torch.randn_like(param) * 0.1)
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        builder = PromptBuilder(tokenizer, "")
+        torch.manual_seed(1)
+        batch = MultimodalCollator(tokenizer.pad_token_id)([
+            example(builder, "describe.", "image", torch.randn(4, 12), "a red circle"),
+            example(builder, "describe the picture in a few words.", "image", torch.randn(4, 12), "blue")])
+        model.train()
+        model(**batch).loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        counts = [layer.expert_counts() for layer in moe_layers(model).values()]
+        return grads, counts, batch
+
+    plain_grads, plain_counts, batch = trained(False)
+    grads, counts, _ = trained(True)
+    units = int(batch["attention_mask"].sum()) if routing == "token" else 2
+    assert all(int(c.sum()) == 2 * units for c in counts)
+    assert all(torch.equal(a, b) for a, b in zip(counts, plain_counts))
+    assert grads.keys() == plain_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_save_then_from_pretrained_in_a_fresh_process_gives_identical_logits(tmp_path):
     model = moe_model(routing="token", E=5, k=2, seed=3)
     base_dir = tmp_path / "base"

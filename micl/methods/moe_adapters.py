@@ -1,41 +1,42 @@
 """Cross-modality MoE adapters with expert freezing, representation alignment and knowledge preservation
 (arXiv 2511.06723), as hooks over the `moe_lora` tuner (micl/adapters/moe_lora; recipe `lora.type: moe_lora`).
+docs/moe_lora.md says where micl follows the paper and where it fills what the paper leaves open.
 
 Per training batch, the loss is CE plus
-- balance_coef * mean over MoE layers of the Switch load-balancing loss of the main forward
-  (E * sum_e f_e * P_e, 1 when balanced; `MoeLoraLayer.balance_loss`);
-- align_weight * L_align. The paper pulls each modality's representation toward the fused joint one. Here,
-  on the LLM's final hidden states of the main batch (the LM head's input at every position:
-  `outputs.hidden_states` of the main forward, which the trainer asks for because the class declares
-  `uses_hidden_states`): z_media = mean over the sample's media tokens, z_text = mean over its prompt text
-  tokens (attention mask 1, label -100, not media), z_joint = mean over all its prompt tokens (media + text);
-  L_align = mean over samples with media of [(1 - cos(z_media, sg(z_joint))) + (1 - cos(z_text, sg(z_joint)))] / 2,
-  the joint representation being the anchor (stop-gradient), so each modality moves toward it and not the
-  reverse. Samples without media tokens or without text tokens contribute only the terms they have.
-- preserve_weight * sqrt(t - 1) * sum_i KL(P_old_i || P_new_i) from step t = 2 on (t counted from 1): for
-  `preserve_batch_size` samples drawn from the memory, P = row-softmax(cos-similarity / preserve_temperature)
-  of their joint representations, the diagonal (self-similarity, always 1) left out; P_old from the
-  representations stored at the end of the previous task (no second model copy), P_new from the current model.
-  The memory forward runs in eval mode (no dropout, not counted in the expert statistics) with gradients, as
-  an auxiliary loss (own backward); the old representations were computed in eval mode too, so the loss is 0
-  exactly when the model has not changed.
+- balance_coef * the mean, over the MoE layers that have no frozen expert yet, of the Switch load-balancing
+  loss of the main forward (`MoeLoraLayer.balance_loss`). Once a layer freezes experts its balancing stops:
+  pushing the new task's tokens toward the least used (trainable) experts would, through the shared router,
+  pull the old tasks' tokens there too.
+- align_weight * L_align on the main forward's final hidden states (`uses_hidden_states`): each modality's
+  representation (the mean over the sample's tokens of that medium: image, audio or video, each on its own)
+  is pulled toward the sample's joint representation, the hidden state at its last prompt position (the one
+  position that has attended to every medium and the instruction: the LLM's fused summary, from which the
+  answer starts), which is the anchor (stop-gradient): mean over (sample, modality) of 1 - cos(z_k, sg(z_joint)).
+- From step 1 on, knowledge preservation on `memory_batch_size` samples of the memory, drawn per batch
+  stratified over the past tasks (replay.stratified_draw), keyed by the batch's samples (draw_key), rendered
+  with the epoch's template, in one student forward (eval mode: no dropout, and not counted in the expert
+  statistics that decide this task's freezing) and one forward of the previous model (the shared
+  `PreviousModelTeacher`):
+  rehearsal_weight * CE + distill_weight * T^2 * KL(teacher || student) on the memory's target tokens,
+  normalised by the memory target tokens of the global batch (TokenSum "moe_adapters.memory"), and
+  preserve_weight * sqrt(t - 1) * sum_i KL(P_old_i || P_new_i), t the task number from 1, P = row-softmax of
+  the cosine similarities of the memory samples' joint representations / preserve_temperature (diagonal left
+  out), P_old from the teacher, P_new from the student. All three are exactly 0 on the first batch of a task.
 
 Memory: `memory_size` samples in total over the tasks learned so far, an equal share per task (reservoir
-sampling of each task's training indices, `Random("moe_adapters:<seed>:<step>")`; older tasks are trimmed
-to the share when a task is added). Only (task, index) pairs are kept; items are rendered through
-`ctx.dataset_fn(task, "train")` with the epoch-0 template, so the prompt of a memory sample never changes.
+sampling of each task's training indices, `Random("moe_adapters:<seed>:<step>")`; older tasks are trimmed to
+the share when a task is added). Only (task, index) pairs are kept.
 
-Expert statistics and freezing: counts are reset at the start of every task and read at its end (training-
-mode forwards of the student adapter only: one count per (non-padding token, chosen expert) with token
-routing, per (sample, chosen expert) with sample routing; under several processes summed over ranks). In
-each MoE layer the activation frequency of expert e is its share of that layer's activations
-(count_e / sum of counts, so uniform routing gives 1/E = 10% with E = 10); experts above `freeze_threshold`
-are frozen for all later tasks (requires_grad False on their own parameters: no gradient, not in the next
-task's optimizer; the router stays trainable). Frozen experts are kept in the method state, re-applied at
-every task start (also after a resume), and restored bit-exactly at every epoch and task end from a copy
-taken at task start (MoInCL's LoRA interpolation with an identical teacher value could otherwise move them
-by an ulp). Per task a JSON `<run_dir>/moe_adapters/step_<k>_<task>.json` holds counts, frequencies and the
-frozen experts per layer; the same history is in `state_dict()` (`method_state.pt` of every phase).
+Expert statistics and freezing: counts are reset at the start of every task and read at its end (training-mode
+forwards of the student adapter only; under several processes summed over ranks). In each MoE layer the
+activation frequency of expert e is its share of that layer's activations; experts above `freeze_threshold`
+are frozen for all later tasks: their A and B leave the optimizer (requires_grad False) and their router rows
+enter the logits detached (no gradient). Frozen experts are kept in the method state, re-applied at every task
+start (also after a resume), and their weights and router rows are written back bit-exactly at every epoch
+and task end from a copy taken at task start (MoInCL's interpolation with an identical teacher value, or
+weight decay on a router row, could otherwise move them). Per task a JSON
+`<run_dir>/moe_adapters/step_<k>_<task>.json` holds counts, frequencies and the frozen experts per layer; the
+same history is in `state_dict()`.
 """
 
 from __future__ import annotations
@@ -51,24 +52,34 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..modeling.multimodal import model_inputs, move_to
+from ..modeling.prompting import IGNORE_INDEX, target_tokens
 from ..utils.io import atomic_write_json
-from .base import ContinualMethod, StepContext, draw_key, unwrap_model
+from .base import ContinualMethod, StepContext, TokenSum, draw_key, unwrap_model
+from .distill import kd_loss_sum, target_prediction_mask
 from .registry import register
-from .replay import reservoir_sample
+from .replay import reservoir_sample, stratified_draw, training_items
+from .teacher import PreviousModelTeacher
+
+MEMORY_ITEMS = "moe_adapters.memory"
 
 
 @dataclass
 class MoeAdaptersArgs:
-    balance_coef: float = field(default=0.01, metadata={"help": "weight of the load-balancing loss"})
+    balance_coef: float = field(default=0.01, metadata={
+        "help": "weight of the load-balancing loss, in the MoE layers without frozen experts"})
     freeze_threshold: float = field(default=0.10, metadata={
         "help": "after each task, freeze experts whose share of their layer's activations exceeds this"})
     align_weight: float = field(default=0.1, metadata={"help": "weight of the representation alignment loss"})
+    rehearsal_weight: float = field(default=1.0, metadata={"help": "weight of the CE on memory samples"})
+    distill_weight: float = field(default=1.0, metadata={
+        "help": "weight of T^2 * KL(previous model || model) on the memory samples' target tokens"})
+    distill_temperature: float = field(default=2.0, metadata={"help": "T of the distillation"})
     preserve_weight: float = field(default=1.0, metadata={
         "help": "weight of sqrt(t - 1) * sum_i KL(P_old_i || P_new_i) on memory samples"})
     preserve_temperature: float = field(default=0.1, metadata={"help": "temperature of the row-softmax"})
-    preserve_batch_size: int = field(default=8, metadata={"help": "memory samples per training batch"})
+    memory_batch_size: int = field(default=8, metadata={
+        "help": "memory samples per training batch (rehearsal, distillation, preservation)"})
     memory_size: int = field(default=200, metadata={"help": "memory samples in total over past tasks"})
-    memory_batch_size: int = field(default=8, metadata={"help": "batch size when storing old representations"})
 
     def __post_init__(self):
         prefix = "method_args.moe_adapters."
@@ -76,21 +87,23 @@ class MoeAdaptersArgs:
         def number(value) -> bool:
             return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-        for key in ("balance_coef", "align_weight", "preserve_weight"):
+        for key in ("balance_coef", "align_weight", "rehearsal_weight", "distill_weight", "preserve_weight"):
             value = getattr(self, key)
             if not number(value) or value < 0:
                 raise ConfigError(f"'{prefix}{key}' must be a number >= 0, got {value!r}")
         if not number(self.freeze_threshold) or not 0 <= self.freeze_threshold <= 1:
             raise ConfigError(f"'{prefix}freeze_threshold' must be in [0, 1], got {self.freeze_threshold!r}")
-        if not number(self.preserve_temperature) or self.preserve_temperature <= 0:
-            raise ConfigError(f"'{prefix}preserve_temperature' must be > 0, got {self.preserve_temperature!r}")
-        for key, low in (("preserve_batch_size", 2), ("memory_size", 0), ("memory_batch_size", 1)):
+        for key in ("distill_temperature", "preserve_temperature"):
+            value = getattr(self, key)
+            if not number(value) or value <= 0:
+                raise ConfigError(f"'{prefix}{key}' must be a number > 0, got {value!r}")
+        for key, low in (("memory_batch_size", 2), ("memory_size", 0)):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"'{prefix}{key}' must be an integer >= {low}, got {value!r}")
 
 
-# ---- losses (pure functions, tested on their own) --------------------------------------------------------
+# ---- representations and losses (pure functions, tested on their own) -----------------------------------
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of hidden [B, T, d] over mask [B, T] per row, and whether the row had any position."""
     m = mask.to(hidden.dtype).unsqueeze(-1)
@@ -101,27 +114,33 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
 def prompt_mask(attention_mask: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
     mask = attention_mask.bool()
     if labels is not None:
-        mask = mask & (labels == -100)
+        mask = mask & (labels == IGNORE_INDEX)
     return mask
 
 
-def alignment_loss(hidden: torch.Tensor, attention_mask, media_mask, labels) -> torch.Tensor | None:
-    """Mean over samples of the (1 - cos) distances of z_media and z_text to the stop-gradient z_joint."""
+def joint_representation(hidden: torch.Tensor, attention_mask, labels) -> torch.Tensor:
+    """[B, d]: the final hidden state at each row's last prompt position (targets end a left-padded row, so
+    it is the position that predicts the first target token; the last real token of a row without targets)."""
     prompt = prompt_mask(attention_mask, labels)
-    media = media_mask.bool() & prompt
-    text = prompt & ~media
-    joint, has_joint = masked_mean(hidden, prompt)
-    joint = joint.detach()
-    terms = []
-    for mask in (media, text):
-        z, has = masked_mean(hidden, mask)
-        keep = has & has_joint
-        if keep.any():
-            terms.append((1 - F.cosine_similarity(z[keep].float(), joint[keep].float(), dim=-1)).sum()
-                         / max(int(has_joint.sum()), 1))
-    if not terms or not bool((media.any(-1)).any()):
+    positions = torch.arange(prompt.shape[1], device=prompt.device).expand_as(prompt)
+    last = torch.where(prompt, positions, -1).amax(-1).clamp(min=0)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def alignment_loss(hidden: torch.Tensor, attention_mask, labels, modality_masks: dict | None):
+    """Mean over the (sample, modality) pairs present of 1 - cos(z_k, sg(z_joint)): z_k = mean final hidden state
+    over the sample's tokens of modality k (`media_masks` of the batch), z_joint = `joint_representation`.
+    None without media."""
+    if not modality_masks:
         return None
-    return sum(terms) / len(terms)
+    joint = joint_representation(hidden, attention_mask, labels).detach().float()
+    total, pairs = hidden.new_zeros((), dtype=torch.float32), 0
+    for mask in modality_masks.values():
+        z, has = masked_mean(hidden, mask.to(hidden.device) & attention_mask.bool())
+        distance = 1 - F.cosine_similarity(z.float(), joint, dim=-1)
+        total = total + (distance * has).sum()
+        pairs = pairs + has.sum()
+    return total / pairs.clamp(min=1)
 
 
 def similarity_distribution(reps: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -155,16 +174,19 @@ class MoeAdapters(ContinualMethod):
     Args = MoeAdaptersArgs
     requires_tuner = "moe_lora"
     uses_hidden_states = True
+    uses_teacher = True
+    loss_items = (MEMORY_ITEMS,)
 
     def __init__(self, args: MoeAdaptersArgs | None = None):
         super().__init__(args or MoeAdaptersArgs())
         self.frozen: dict[str, list[int]] = {}  # MoE layer name -> frozen expert ids
         self.memory: list[tuple[str, int]] = []  # (task, training index)
-        self.old_reps: torch.Tensor | None = None  # [len(memory), d] joint representations, CPU float32
         self.history: list[dict] = []  # per finished task: counts, frequencies, newly frozen experts
-        self._snapshot: dict[int, torch.Tensor] = {}
-        self._snapshot_params: list[torch.nn.Parameter] = []
+        self.teacher: PreviousModelTeacher | None = None
+        self._guarded: list[tuple[torch.nn.Parameter, torch.Tensor | None]] = []  # (param, frozen rows or all)
+        self._snapshot: list[torch.Tensor] = []
         self._layers: list = []  # the MoE layers of the model, found at task start
+        self._balanced: list = []  # those without frozen experts: the load-balancing loss applies to them
         self._calls = 0
 
     # ---- model access --------------------------------------------------------------------------------
@@ -194,6 +216,17 @@ class MoeAdapters(ContinualMethod):
                 params += [layer.moe_lora_A[adapter][e], layer.moe_lora_B[adapter][e]]
         return params
 
+    def _guarded_values(self, model) -> list[tuple[torch.nn.Parameter, torch.Tensor | None]]:
+        """What must not move during a task: the frozen experts' A and B (whole) and, of every router, the rows
+        of its frozen experts."""
+        adapter, guarded = self._adapter(model), []
+        layers = self.layers(model)
+        guarded += [(param, None) for param in self._frozen_params(model)]
+        for name, ids in self.frozen.items():
+            if ids:
+                guarded.append((layers[name].moe_lora_router[adapter].weight, torch.tensor(sorted(ids))))
+        return guarded
+
     def _apply_frozen(self, model) -> None:
         layers, adapter = self.layers(model), self._adapter(model)
         unknown = sorted(set(self.frozen) - set(layers))
@@ -203,44 +236,77 @@ class MoeAdapters(ContinualMethod):
         for name, ids in self.frozen.items():
             layers[name].freeze_experts(ids, adapter)
 
-    def _restore_frozen(self) -> None:
-        """Writes back the frozen experts' values of the task start (bit-exact). Under ZeRO-3 on the full
-        (gathered) tensors, on every rank (a collective)."""
-        from ..utils.distributed import gathered
+    def _take_snapshot(self, model) -> None:
+        """The guarded values at task start (full values under ZeRO-3; a router's trained fp32 value under
+        DeepSpeed, whose master copy would otherwise overwrite a restored row at the next step)."""
+        from ..utils.distributed import gathered, trained_value
 
-        if not self._snapshot:
+        self._guarded = self._guarded_values(model)
+        params = [param for param, _ in self._guarded]
+        with torch.no_grad(), gathered(params):
+            self._snapshot = [param.detach().clone() if rows is None else trained_value(param)[rows].clone()
+                              for param, rows in self._guarded]
+
+    def _restore_frozen(self) -> None:
+        """Writes back the guarded values of the task start (bit-exact). Under ZeRO-3 on the full (gathered)
+        tensors, on every rank (a collective): every rank holds the same values, so takes the same branch."""
+        from ..utils.distributed import gathered, set_trained_value, trained_value
+
+        if not self._guarded:
             return
-        with torch.no_grad(), gathered(self._snapshot_params, modifier_rank=0):
-            for param, value in zip(self._snapshot_params, self._snapshot.values()):
-                if not torch.equal(param, value):
-                    param.copy_(value)
+        with torch.no_grad(), gathered([param for param, _ in self._guarded], modifier_rank=0):
+            for (param, rows), value in zip(self._guarded, self._snapshot):
+                if rows is None:
+                    if not torch.equal(param, value):
+                        param.copy_(value)
+                    continue
+                current = trained_value(param)
+                if not torch.equal(current[rows], value):
+                    current = current.clone()
+                    current[rows] = value
+                    set_trained_value(param, current)
+
+    def _memory_losses_on(self, ctx: StepContext) -> bool:
+        a = self.args
+        return ctx.step > 0 and bool(self.memory) and bool(a.rehearsal_weight or a.distill_weight or a.preserve_weight)
 
     # ---- hooks ---------------------------------------------------------------------------------------
     def on_task_start(self, ctx: StepContext) -> None:
-        from ..utils.distributed import gathered
-
         layers = self._check(ctx.model)
         self._layers = list(layers.values())
         self._apply_frozen(ctx.model)
         for layer in layers.values():
             layer.reset_expert_counts()
-        self._snapshot_params = self._frozen_params(ctx.model)
-        with torch.no_grad(), gathered(self._snapshot_params):  # full values under ZeRO-3
-            self._snapshot = {i: p.detach().clone() for i, p in enumerate(self._snapshot_params)}
+        self._balanced = [layers[name] for name in layers if not self.frozen.get(name)]
+        self._take_snapshot(ctx.model)
         self._calls = 0
+        if not self._memory_losses_on(ctx):
+            return
+        tasks = len({task for task, _ in self.memory})
+        if ctx.uniform_forwards and tasks > self.args.memory_batch_size:
+            raise ConfigError(f"method_args.moe_adapters.memory_batch_size ({self.args.memory_batch_size}) must be "
+                              f">= the number of past tasks ({tasks}) under DeepSpeed with several processes: every "
+                              f"rank's memory draw must hold every past task, so that all ranks run the same "
+                              f"projectors")
+        if self.args.distill_weight or self.args.preserve_weight:
+            self.teacher = PreviousModelTeacher.acquire(ctx.model)
 
     def on_epoch_end(self, ctx: StepContext) -> None:
         self._restore_frozen()
 
     def on_task_end(self, ctx: StepContext) -> None:
         self._restore_frozen()
+        if self.teacher is not None:
+            self.teacher.remove()
+        self.teacher = None
         model = unwrap_model(ctx.model)
         layers, adapter = self.layers(model), self._adapter(model)
         counts = {name: layer.expert_counts(adapter) for name, layer in layers.items()}
         units = {name: layer.routed_units(adapter) for name, layer in layers.items()}
         counts, units = self._reduce_over_ranks(counts, units)
         record = {"step": ctx.step, "task": getattr(ctx.task, "name", str(ctx.task)),
-                  "freeze_threshold": self.args.freeze_threshold, "layers": {}}
+                  "freeze_threshold": self.args.freeze_threshold, "balanced_layers": len(self._balanced),
+                  "layers": {}}
         for name, layer in layers.items():
             total = int(counts[name].sum())
             freq = (counts[name].double() / total).tolist() if total else [0.0] * len(counts[name])
@@ -257,8 +323,7 @@ class MoeAdapters(ContinualMethod):
         self.history.append(record)
         self._write_record(ctx, record)
         self._update_memory(ctx)
-        self._store_old_reps(ctx)
-        self._snapshot, self._snapshot_params = {}, []
+        self._guarded, self._snapshot = [], []
 
     @staticmethod
     def _reduce_over_ranks(counts: dict, units: dict):
@@ -300,86 +365,71 @@ class MoeAdapters(ContinualMethod):
             kept += [pair for pair in self.memory if pair[0] == task][:share]
         self.memory = kept + new
 
-    def _memory_batch(self, ctx: StepContext, pairs: list[tuple[str, int]]) -> dict:
-        from ..data.tasks import get_task
-
-        specs = {t.name: t for t in ctx.seen_tasks}
-        specs.setdefault(ctx.task.name, ctx.task)
-        items = []
-        for task, index in pairs:
-            dataset = ctx.dataset_fn(specs.get(task) or get_task(task), "train")
-            previous = getattr(dataset, "epoch", None)
-            if previous is not None:
-                dataset.set_epoch(0)  # fixed template: a memory sample's prompt never changes
-            try:
-                items.append(dataset[index])
-            finally:
-                if previous is not None:
-                    dataset.set_epoch(previous)
-        return ctx.collate_fn(items)
-
-    def _joint_reps(self, model, batch: dict, device) -> torch.Tensor:
-        """Joint representations (mean final hidden state over the prompt tokens) of a memory batch."""
-        inputs = move_to({k: v for k, v in model_inputs(batch).items() if k != "labels"}, device)
-        hidden = model(**inputs, output_hidden_states=True).hidden_states
-        mask = prompt_mask(inputs["attention_mask"], batch["labels"].to(device))
-        return masked_mean(hidden, mask)[0]
-
-    @torch.no_grad()
-    def _store_old_reps(self, ctx: StepContext) -> None:
-        if not self.memory:
-            self.old_reps = None
-            return
-        model = unwrap_model(ctx.model)
-        was_training = model.training
-        model.eval()
-        reps = []
-        try:
-            for start in range(0, len(self.memory), self.args.memory_batch_size):
-                batch = self._memory_batch(ctx, self.memory[start:start + self.args.memory_batch_size])
-                reps.append(self._joint_reps(model, batch, model.device).float().cpu())
-        finally:
-            model.train(was_training)
-        self.old_reps = torch.cat(reps)
+    def draw_memory(self, ctx: StepContext, key: str) -> list[tuple[str, int]]:
+        """`memory_batch_size` memory samples, floor(B / T) per past task and the rest to distinct random ones."""
+        buffers: dict[str, list[int]] = {}
+        for task, index in self.memory:
+            buffers.setdefault(task, []).append(index)
+        rng = random.Random(f"moe_adapters:{ctx.seed}:{ctx.step}:{ctx.epoch}:{key}")
+        return stratified_draw(buffers, self.args.memory_batch_size, rng)
 
     # ---- per batch -----------------------------------------------------------------------------------
-    def auxiliary_losses(self, model, batch: dict, ctx: StepContext):
-        loss = self.preservation_loss(model, batch, ctx)
-        if loss is not None:
-            yield loss
-
-    def preservation_loss(self, model, batch: dict, ctx: StepContext):
-        if (ctx.step == 0 or self.old_reps is None or len(self.memory) < 2 or self.args.preserve_weight == 0
-                or not model.training):
-            return None
+    def augment_batch(self, batch: dict, ctx: StepContext) -> dict:
+        """Adds `moe_adapters`: the memory mini-batch drawn for this training batch (from step 1 on)."""
+        if not self._memory_losses_on(ctx):
+            return batch
         self._calls += 1
-        key = draw_key(batch, f"call{self._calls}")
-        rng = random.Random(f"moe_adapters:{ctx.seed}:{ctx.step}:{ctx.epoch}:{key}")
-        chosen = sorted(rng.sample(range(len(self.memory)), min(self.args.preserve_batch_size, len(self.memory))))
-        device = batch["input_ids"].device
-        memory = self._memory_batch(ctx, [self.memory[i] for i in chosen])
-        model.eval()  # no dropout (old reps were computed in eval mode) and not counted in the statistics
+        draw = self.draw_memory(ctx, draw_key(batch, f"call{self._calls}"))
+        return {**batch, "moe_adapters": ctx.collate_fn(training_items(ctx, draw, ctx.epoch))}
+
+    def count_loss_items(self, batch: dict) -> dict:
+        memory = batch.get("moe_adapters")
+        return {MEMORY_ITEMS: target_tokens(memory["labels"])} if memory is not None else {}
+
+    def auxiliary_losses(self, model, batch: dict, ctx: StepContext):
+        """Rehearsal + distillation (TokenSum over the memory's target tokens) and the preservation KL (a
+        per-batch regulariser), from one teacher and one student forward over the memory mini-batch."""
+        memory = batch.get("moe_adapters")
+        if memory is None:
+            return
+        a = self.args
+        inputs = move_to(model_inputs(memory), batch["input_ids"].device)
+        old = None
+        if self.teacher is not None:
+            with torch.no_grad(), self.teacher.active() as teacher:
+                old = teacher(**{k: v for k, v in inputs.items() if k != "labels"}, output_hidden_states=True)
+        was_training = model.training
+        model.eval()  # no dropout (the teacher has none), and not counted in this task's expert statistics
         try:
-            new = self._joint_reps(model, memory, device)
+            new = model(**inputs, output_hidden_states=True)
         finally:
-            model.train()
-        old = self.old_reps[chosen].to(device)
-        kl = preservation_kl(old, new, self.args.preserve_temperature)
-        return self.args.preserve_weight * math.sqrt(ctx.step) * kl
+            model.train(was_training)
+        labels = inputs["labels"]
+        memory_sum = a.rehearsal_weight * new.loss_sum
+        if old is not None and a.distill_weight:
+            kd = kd_loss_sum(new.logits, old.logits, target_prediction_mask(labels), a.distill_temperature)
+            memory_sum = memory_sum + a.distill_weight * kd
+        losses = [TokenSum(memory_sum, MEMORY_ITEMS)]
+        if old is not None and a.preserve_weight and labels.shape[0] >= 2:
+            mask = inputs["attention_mask"]
+            kl = preservation_kl(joint_representation(old.hidden_states, mask, labels),
+                                 joint_representation(new.hidden_states, mask, labels), a.preserve_temperature)
+            losses.append(a.preserve_weight * math.sqrt(ctx.step) * kl)
+        yield losses
 
     def extra_loss(self, model, batch: dict, outputs, ctx: StepContext):
         if not model.training:
             return None
         total = None
-        if self.args.balance_coef:
+        if self.args.balance_coef and self._balanced:
             adapter = self._adapter(model)
-            losses = [layer.balance_loss(adapter) for layer in (self._layers or self.layers(model).values())]
+            losses = [layer.balance_loss(adapter) for layer in self._balanced]
             losses = [x for x in losses if x is not None]
             if losses:
                 total = self.args.balance_coef * torch.stack(losses).mean()
         hidden = outputs.hidden_states
         if self.args.align_weight and hidden is not None:
-            align = alignment_loss(hidden, batch["attention_mask"], batch["media_mask"], batch.get("labels"))
+            align = alignment_loss(hidden, batch["attention_mask"], batch.get("labels"), batch.get("media_masks"))
             if align is not None:
                 align = self.args.align_weight * align
                 total = align if total is None else total + align
@@ -403,13 +453,10 @@ class MoeAdapters(ContinualMethod):
     def state_dict(self) -> dict:
         return {"frozen": {k: list(v) for k, v in self.frozen.items()},
                 "memory": [[t, int(i)] for t, i in self.memory],
-                "old_reps": None if self.old_reps is None else self.old_reps.clone(),
                 "history": json.loads(json.dumps(self.history))}
 
     def load_state_dict(self, state: dict) -> None:
         state = state or {}
         self.frozen = {k: sorted(int(i) for i in v) for k, v in state.get("frozen", {}).items()}
         self.memory = [(t, int(i)) for t, i in state.get("memory", [])]
-        reps = state.get("old_reps")
-        self.old_reps = None if reps is None else reps.detach().float().cpu().clone()
         self.history = list(state.get("history", []))

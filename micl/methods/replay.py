@@ -73,6 +73,30 @@ def stratified_draw(buffers: dict[str, list[int]], batch_size: int, rng: random.
     return draw
 
 
+def training_items(ctx: StepContext, pairs: list[tuple[str, int]], epoch: int) -> list[dict]:
+    """The training items of (task name, sample index) pairs of the tasks learned so far, rendered through
+    `ctx.dataset_fn(task, "train")` with `epoch`'s template (the shared dataset's own epoch left as it was)."""
+    specs = {t.name: t for t in ctx.seen_tasks}
+    specs.setdefault(ctx.task.name, ctx.task)
+    items = []
+    for task, index in pairs:
+        spec = specs.get(task)
+        if spec is None:
+            from ..data.tasks import get_task
+
+            spec = specs[task] = get_task(task)
+        dataset = ctx.dataset_fn(spec, "train")
+        previous = getattr(dataset, "epoch", None)
+        if previous is not None:
+            dataset.set_epoch(epoch)
+        try:
+            items.append(dataset[index])
+        finally:
+            if previous is not None:
+                dataset.set_epoch(previous)
+    return items
+
+
 @register
 class Replay(ContinualMethod):
     name = "replay"
@@ -100,26 +124,7 @@ class Replay(ContinualMethod):
         return stratified_draw(self.buffers, self.args.replay_batch_size, rng)
 
     def replay_items(self, ctx: StepContext, draw: list[tuple[str, int]]) -> list[dict]:
-        specs = {t.name: t for t in ctx.seen_tasks}
-        specs.setdefault(ctx.task.name, ctx.task)
-        items = []
-        for task, index in draw:
-            spec = specs.get(task)
-            if spec is None:
-                from ..data.tasks import get_task
-
-                spec = specs[task] = get_task(task)
-            dataset = ctx.dataset_fn(spec, "train")
-            # render with this epoch's template, leaving the shared dataset's own epoch as it was
-            previous = getattr(dataset, "epoch", None)
-            if previous is not None:
-                dataset.set_epoch(ctx.epoch)
-            try:
-                items.append(dataset[index])
-            finally:
-                if previous is not None:
-                    dataset.set_epoch(previous)
-        return items
+        return training_items(ctx, draw, ctx.epoch)
 
     # ---- loss ---------------------------------------------------------------------------------------
     def augment_batch(self, batch: dict, ctx: StepContext) -> dict:

@@ -224,7 +224,11 @@ class MultimodalLM(nn.Module):
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
         """`train.gradient_checkpointing` (the Trainer calls this): the LLM's decoder layers recompute their
         activations in the backward instead of keeping them; the small projectors keep theirs."""
-        checkpoint_kwargs = activation_checkpointing_kwargs or {"use_reentrant": False}
+        checkpoint_kwargs = dict(activation_checkpointing_kwargs or {"use_reentrant": False})
+        # a tuner with per-call state (moe_lora's routing context) restores it for the recomputation
+        context_fn = getattr(getattr(self.llm, "base_model", None), "checkpoint_context_fn", None)
+        if context_fn is not None and checkpoint_kwargs.get("use_reentrant") is False:
+            checkpoint_kwargs.setdefault("context_fn", context_fn)
         base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
         if hasattr(base, "activation_checkpointing_enable"):
             base.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs, **kwargs)

@@ -24,6 +24,8 @@ Choices where the paper is silent (docs/moe_lora.md):
   by the gate, which is exactly the top-k sum. At E*r = 80 this measured as fast as a grouped dispatch
   (tokens gathered per expert, 2E skinny GEMMs, index_add) on CPU, 1024 tokens, 1 thread: 2.9-3.6 ms vs
   2.4-3.3 ms per forward, noisy; it has no data-dependent loop and a simpler backward.
+- A frozen expert's router row enters the logits detached (`ExpertRouter`): no gradient, so the logit the
+  expert gets for an input stays; the other rows train.
 - Frozen experts are recorded in a boolean buffer `moe_lora_frozen` saved with the adapter and re-applied
   whenever PEFT re-enables the adapter's gradients (`set_adapter`, `enable_adapters`) and after a state-dict
   load (`PeftModel.from_pretrained(..., is_trainable=True)`, `set_peft_model_state_dict`).
@@ -32,6 +34,8 @@ Choices where the paper is silent (docs/moe_lora.md):
   `reset_expert_counts()`, one per (routing unit, chosen expert), padding tokens excluded (sum = top_k x
   routed units); `balance_loss()` = Switch-Transformer loss E * sum_e f_e * P_e of the last training
   forward (f_e = share of its activations, P_e = mean full-softmax router probability; 1 when balanced).
+- Activation checkpointing: `MoeLoraModel.checkpoint_context_fn` (torch checkpoint's `context_fn`) gives the
+  recomputation in the backward the masks of its forward and keeps it out of the statistics.
 - Not mergeable (the mix depends on the input): `merge_and_unload` raises.
 
 Registered with PEFT through `peft.utils.register_peft_method` (PeftType gains MOE_LORA), so that

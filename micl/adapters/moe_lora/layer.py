@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Any, Iterable, Optional
 
 import torch
@@ -17,17 +18,51 @@ from .config import MoeLoraConfig
 class RoutingContext:
     """What the layers of one model need to know about the current forward call, set by a forward pre-hook on
     the wrapped transformers model (`MoeLoraModel`): the attention mask (padding is not counted and, with
-    sample routing, not pooled) and the labels (sample routing pools the prompt: label -100)."""
+    sample routing, not pooled) and the labels (sample routing pools the prompt: label -100).
+
+    Under activation checkpointing the decoder layers run again in the backward, after the model's forward has
+    returned and cleared the context. `MoeLoraModel.checkpoint_context_fn` (torch.utils.checkpoint's
+    `context_fn`) saves the context of every checkpointed call and puts it back for its recomputation with
+    `replaying` set: the recomputed routing equals the forward's, and the statistics are not counted twice."""
 
     def __init__(self):
         self.attention_mask: Optional[torch.Tensor] = None
         self.labels: Optional[torch.Tensor] = None
         self.cached_length = 0  # positions already in the KV cache (> 0: incremental decoding)
+        self.active = False  # inside a forward of the wrapped model
+        self.replaying = False  # inside a checkpointed layer's recomputation in the backward
 
     def clear(self) -> None:
         self.attention_mask = None
         self.labels = None
         self.cached_length = 0
+        self.active = False
+
+    def snapshot(self) -> tuple:
+        return self.attention_mask, self.labels, self.cached_length, self.active
+
+    @contextmanager
+    def replay(self, saved: tuple):
+        """The context of a checkpointed call, for its recomputation (see the class docstring)."""
+        previous, was_replaying = self.snapshot(), self.replaying
+        self.attention_mask, self.labels, self.cached_length, self.active = saved
+        self.replaying = True
+        try:
+            yield
+        finally:
+            self.attention_mask, self.labels, self.cached_length, self.active = previous
+            self.replaying = was_replaying
+
+
+class ExpertRouter(nn.Linear):
+    """The router (Linear in -> E, no bias). The rows of frozen experts enter the logits detached: they get
+    an exact zero gradient, so the logits a frozen expert gets for any input stay as they were."""
+
+    def forward(self, x: torch.Tensor, frozen: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weight = self.weight
+        if frozen is not None:
+            weight = torch.where(frozen.to(weight.device).unsqueeze(-1), weight.detach(), weight)
+        return nn.functional.linear(x, weight)
 
 
 class MoeLoraLayer(BaseTunerLayer):
@@ -46,7 +81,7 @@ class MoeLoraLayer(BaseTunerLayer):
         self.routing: dict[str, str] = {}
         self.moe_lora_A = nn.ModuleDict({})  # adapter -> ParameterList of E tensors [r, in]
         self.moe_lora_B = nn.ModuleDict({})  # adapter -> ParameterList of E tensors [out, r]
-        self.moe_lora_router = nn.ModuleDict({})  # adapter -> Linear(in, E, bias=False)
+        self.moe_lora_router = nn.ModuleDict({})  # adapter -> ExpertRouter(in, E)
         self.moe_lora_dropout = nn.ModuleDict({})
         # saved with the adapter: which experts are frozen (bool [E]); re-applied by set_adapter
         self.moe_lora_frozen = BufferDict({}, persistent=True)
@@ -78,7 +113,7 @@ class MoeLoraLayer(BaseTunerLayer):
             [nn.Parameter(torch.empty(r, self.in_features)) for _ in range(E)])
         self.moe_lora_B[adapter_name] = nn.ParameterList(
             [nn.Parameter(torch.empty(self.out_features, r)) for _ in range(E)])
-        self.moe_lora_router[adapter_name] = nn.Linear(self.in_features, E, bias=False)
+        self.moe_lora_router[adapter_name] = ExpertRouter(self.in_features, E, bias=False)
         self.moe_lora_dropout[adapter_name] = (nn.Dropout(config.lora_dropout) if config.lora_dropout > 0
                                                else nn.Identity())
         self.moe_lora_frozen[adapter_name] = torch.zeros(E, dtype=torch.bool)
@@ -109,7 +144,8 @@ class MoeLoraLayer(BaseTunerLayer):
     def freeze_experts(self, ids: Iterable[int], adapter_name: Optional[str] = None) -> None:
         """Freezes experts (requires_grad False on their A and B; recorded in the saved `moe_lora_frozen`
         buffer and re-applied whenever PEFT re-enables the adapter's gradients). A frozen expert is still
-        routed to; only its weights stay fixed. The router stays trainable."""
+        routed to. Its router row enters the logits detached (`ExpertRouter`), so the logit it gets for an
+        input does not move; the other experts' rows keep training."""
         name = self._adapter(adapter_name)
         E = self.num_experts[name]
         ids = [int(i) for i in ids]
@@ -198,7 +234,7 @@ class MoeLoraLayer(BaseTunerLayer):
         """Top-k expert ids and weights per token ([N, k] each), then for the statistics: the router logits
         of the routing units (None when decoding reuses the prefill's routing), their chosen ids and which
         of them count (None: all)."""
-        router = self.moe_lora_router[name]
+        router, frozen = self.moe_lora_router[name], self.moe_lora_frozen[name]
         k = self.top_k[name]
         lead = x.shape[:-1]
         mask, prompt, incremental = self._masks(lead)
@@ -212,7 +248,7 @@ class MoeLoraLayer(BaseTunerLayer):
                 pool = prompt if prompt is not None else torch.ones(lead, dtype=torch.bool, device=x.device)
                 m = pool.unsqueeze(-1).to(flat.dtype)
                 pooled = (flat.view(B, T, -1) * m).sum(1) / m.sum(1).clamp(min=1.0)
-                logits = router(pooled)  # [B, E]
+                logits = router(pooled, frozen)  # [B, E]
                 top, ids = logits.topk(k, dim=-1)
                 weights = torch.softmax(top.float(), dim=-1).to(flat.dtype)
                 valid = None
@@ -221,15 +257,32 @@ class MoeLoraLayer(BaseTunerLayer):
             ids_t = ids.unsqueeze(1).expand(B, T, k).reshape(-1, k)
             weights_t = weights.unsqueeze(1).expand(B, T, k).reshape(-1, k)
             return ids_t, weights_t, logits, ids, valid
-        logits = router(flat)  # [N, E]
+        logits = router(flat, frozen)  # [N, E]
         top, ids = logits.topk(k, dim=-1)
         weights = torch.softmax(top.float(), dim=-1).to(flat.dtype)
         valid = mask.reshape(-1) if mask is not None else None
         return ids, weights, logits, ids, valid
 
-    def _record(self, name: str, logits, unit_ids, valid) -> None:
+    def _counts_this_call(self) -> bool:
+        """Whether a training-mode call is counted: not when it recomputes a checkpointed layer in the backward
+        (the forward counted it). A call after the model's forward returned that is not such a replay is a
+        recomputation without the saved context (checkpointing enabled without `checkpoint_context_fn`, or
+        reentrant): its masks are gone, so its routing could differ from the forward's; refused."""
+        ctx = self.routing_context
+        if ctx is None or ctx.active:
+            return not (ctx is not None and ctx.replaying)
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "moe_lora: a layer ran outside the model's forward, as a gradient-checkpointing recomputation does "
+                "without the routing context; enable checkpointing through MultimodalLM.activation_checkpointing_"
+                "enable, or pass context_fn=<MoeLoraModel>.checkpoint_context_fn with use_reentrant=False")
+        return True
+
+    def _record(self, name: str, logits, unit_ids, valid, keep: bool = True) -> None:
         """Counts and load-balancing loss of a training-mode forward (see expert_counts / balance_loss).
-        Masking by weights, not by indexing, and counts kept on the device: no host synchronisation."""
+        Masking by weights, not by indexing, and counts kept on the device: no host synchronisation. A
+        checkpointed layer's recomputation (`keep` False) runs the same operations (the checkpoint checks
+        that it saves the same tensors as the forward) and keeps nothing."""
         if logits is None:
             return
         E, k = self.num_experts[name], self.top_k[name]
@@ -238,12 +291,14 @@ class MoeLoraLayer(BaseTunerLayer):
         counts = torch.zeros(E, device=logits.device).index_add_(
             0, unit_ids.reshape(-1), weight.repeat_interleave(k))
         units = weight.sum()
-        previous = self._counts[name]
-        self._counts[name] = previous.to(counts.device) + counts.detach().double()
-        self._units[name] = self._units[name].to(counts.device) + units.detach().double()
         f = counts / (units * k).clamp(min=1.0)
         P = (torch.softmax(logits.float(), dim=-1) * weight.unsqueeze(-1)).sum(0) / units.clamp(min=1.0)
-        self._balance[name] = E * (f * P).sum()
+        balance = E * (f * P).sum()
+        if not keep:
+            return
+        self._counts[name] = self._counts[name].to(counts.device) + counts.detach().double()
+        self._units[name] = self._units[name].to(counts.device) + units.detach().double()
+        self._balance[name] = balance
 
     def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """sum over the chosen experts of w * scaling * B_e A_e x, as two dense GEMMs over the stacked
@@ -256,7 +311,7 @@ class MoeLoraLayer(BaseTunerLayer):
         N = flat.shape[0]
         ids, weights, logits, unit_ids, valid = self._route(name, x, flat)
         if self.training:
-            self._record(name, logits, unit_ids, valid)
+            self._record(name, logits, unit_ids, valid, keep=self._counts_this_call())
         gate = torch.zeros(N, E, dtype=dtype, device=flat.device).scatter(1, ids, weights * self.scaling[name])
         A = torch.stack(tuple(A_list)).reshape(E * r, self.in_features)  # rows e*r .. e*r+r-1 = A_e
         B = torch.stack(tuple(B_list), dim=1).reshape(self.out_features, E * r)  # columns likewise = B_e

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -37,6 +38,7 @@ class MoeLoraModel(BaseTuner):
             labels = kwargs.get("labels")
             context.labels = labels if isinstance(labels, torch.Tensor) else None
             context.cached_length = 0
+            context.active = True
             for key in ("past_key_values", "cache"):
                 cache = kwargs.get(key)
                 if cache is not None and hasattr(cache, "get_seq_length"):
@@ -54,6 +56,14 @@ class MoeLoraModel(BaseTuner):
         for module in self.model.modules():
             if isinstance(module, MoeLoraLayer):
                 module.routing_context = context
+
+    def checkpoint_context_fn(self):
+        """torch.utils.checkpoint's `context_fn` (non-reentrant): called at every checkpointed call in the
+        forward, it saves the routing context of that call; the second context manager puts it back (with
+        `replaying` set) while the backward recomputes the call, so the recomputation routes as the forward
+        did and counts nothing (see RoutingContext). MultimodalLM.activation_checkpointing_enable passes it."""
+        saved = self.routing_context.snapshot()
+        return contextlib.nullcontext(), self.routing_context.replay(saved)
 
     # ---- BaseTuner ---------------------------------------------------------------------------------------
     def _check_new_adapter_config(self, config: MoeLoraConfig) -> None:
