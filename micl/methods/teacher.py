@@ -48,7 +48,7 @@ def _frozen_copy(projectors: torch.nn.ModuleDict) -> torch.nn.ModuleDict:
 
 
 class PreviousModelTeacher:
-    """Methods of one recipe that need the previous model (MoInCL, LwF) share one teacher: `acquire` makes
+    """Methods of one recipe that need the previous model (MoInCL, LwF, Harmony, the MoE adapters) share one teacher: `acquire` makes
     it for the first and hands it to the others; it is removed when the last one calls `remove`."""
 
     @classmethod
