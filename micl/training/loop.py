@@ -100,6 +100,7 @@ class ContinualRun:
         train_stats = self._train(step, task, ctx)
         for method in self.methods:
             method.on_task_end(ctx)
+        method_metrics = {m.name: values for m in self.methods if (values := m.step_metrics(ctx))}
         metrics, predictions = {}, {}
         for seen in self.tasks[: step + 1]:
             result = self._evaluate(seen, f"eval {seen.name} after step {step}")
@@ -111,6 +112,7 @@ class ContinualRun:
             "row": [metrics[t.name]["score"] for t in self.tasks[: step + 1]],
             "metrics": metrics,
             "pre_step_score": pre_step,
+            **({"method_metrics": method_metrics} if method_metrics else {}),
             **train_stats,
             "world_size": world_size(),  # processes that trained the step
             "step_runtime_s": time.time() - started,
