@@ -286,12 +286,17 @@ def build(tiny_models):
     return model.eval(), PromptBuilder(tokenizer, "")
 
 
+TARGETS = ("a red circle moving up and to the left with a low rising tone, then a high steady one.", "two.",
+           "a red circle.", "a low tone.")
+
+
 def two_media_batch(model, builder, tasks=("synth_av_caption", "synth_image_qa", "synth_av_caption", "text")):
     g = torch.Generator().manual_seed(2)
     items = []
-    for media, task in zip(({"video": 4, "audio": 3}, {"image": 2}, {"video": 4, "audio": 3}, {}), tasks):
+    for media, task, target in zip(({"video": 4, "audio": 3}, {"image": 2}, {"video": 4, "audio": 3}, {}), tasks,
+                                   TARGETS):
         features = {m: torch.randn(n, DIMS[m], generator=g) for m, n in media.items()}
-        encoded = builder.encode("describe the video and its sound.", media, "a red circle with a low tone.")
+        encoded = builder.encode("describe the video and its sound.", media, target)
         items.append({"input_ids": encoded.input_ids, "labels": encoded.labels, "media_mask": encoded.media_mask,
                       "media": features, "task": task})
     return items, MultimodalCollator(model.tokenizer.pad_token_id)(items)
@@ -356,7 +361,9 @@ def test_losses_weighted_cross_entropy_mutual_information_and_alignment(tiny_mod
     assert isinstance(cw, TokenSum) and cw.items == "labels"
     # the trainer adds the LM loss (sum_j CE_j): with this term the total is 0.7 sum_j omega_j CE_j
     total = outputs.loss_sum + cw.value
-    assert total.item() == pytest.approx((0.7 * omega * per_row).sum().item(), rel=1e-5)
+    weighted, unweighted = (0.7 * omega * per_row).sum().item(), 0.7 * outputs.loss_sum.item()
+    assert abs(weighted - unweighted) > 1e-3 * unweighted  # rows of different lengths and similarities
+    assert total.item() == pytest.approx(weighted, rel=1e-5)
     plain = AdaptiveFusionMethod(AdaptiveFusionArgs(similarity_weighting=False)).extra_loss(model, batch, outputs, None)[0]
     assert (outputs.loss_sum + plain.value).item() == pytest.approx(0.7 * outputs.loss_sum.item(), rel=1e-5)
 
