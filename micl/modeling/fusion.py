@@ -25,10 +25,10 @@ Two parts, in this order:
        fuse / <modality>: always fused / always that medium alone (ablations)
 
    The heads are linear maps d -> k without bias (a bias would let r = 1 for any input), one per medium and
-   task, initialised small; they read the pooled tokens
-   detached, and the method trains them to correlate a video with its own sound (GATE_SPACE): the two
-   projectors come from unrelated encoders, so their outputs have no common coordinates that a Pearson r
-   could compare (measured r 0.04-0.10 on micl-synth); AudioCLIP's joint space provides them in the paper.
+   task, initialised small; they read the pooled tokens detached, and the method trains them to correlate
+   a video with its own sound (GATE_SPACE). Without them r compares the coordinates of two projectors of
+   unrelated encoders, which have nothing in common (measured r 0.04-0.10 on micl-synth, never fused);
+   AudioCLIP's joint space provides a common space in the paper.
 
 Choices where the paper leaves details open are in docs/adaptive_fusion.md.
 """
