@@ -3,8 +3,8 @@ grouped per modality with the batch rows they belong to.
 
 An item: input_ids, labels, media_mask, media ({stream modality: features [tokens, dim]}, {} for text),
 optionally index (the sample's position in its dataset) and task (its task name). A row with two media
-(a video and its sound) is in both modalities' groups; when a batch has such rows it also carries
-`media_tasks` (the task name of every row), which a media modulator may use (per-task fusion routers).
+(a video and its sound) is in both modalities' groups. A batch with media also carries `media_tasks` (the
+task name of every row), which a media modulator may use (per-task adapters and fusion routers).
 
 Everything the model would otherwise have to read back from the device is worked out here, on the CPU,
 while the data loader prepares the batch (no host synchronisation in the training step):
@@ -81,6 +81,5 @@ class MultimodalCollator:
             batch["media_features"] = {m: torch.stack(f) for m, f in grouped.items()}
             batch["media_rows"] = {m: torch.tensor(r, dtype=torch.long) for m, r in rows.items()}
             batch["media_masks"] = masks
-        if any(len(e["media"]) > 1 for e in examples):
             batch["media_tasks"] = [e.get("task", "") for e in examples]
         return batch

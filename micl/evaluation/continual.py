@@ -19,6 +19,14 @@ with ``s_j <= T-1``:
 ``None`` entries are skipped in every mean; a metric with nothing to average is ``None`` (so a run of
 one step, e.g. joint training, has no forgetting, BWT or FWT). Scores keep the matrix's scale (0-100
 in micl), so forgetting/BWT/FWT are in points.
+
+The MCIL metrics of arXiv 2506.09999 (its reference code's ``main.py``; mapping: docs/adaptive_fusion.md),
+with F_t, BWT_t, FWT_t the metrics above on the rows up to step t (0 at t = 0, as the reference's
+``continuum`` Logger returns for one task), sim_t in [0, 1] the similarity of task t to task t-1
+(sim_0 = 1) and NMI_m the normalised mutual information of the fused and the m-th unimodal representation:
+
+* m1 = average_incremental / 2 + mean_t[ (1 - sim_t) * (100 - F_t) ] / 2
+* m2 = ( average_incremental / 100 / 2 + mean_t( BWT_t + FWT_t ) / 100 / 2 ) / 2 + mean_m( NMI_m ) / 2
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ __all__ = [
     "forward_transfer_per_task",
     "grouped_metrics",
     "learned_steps",
+    "mcil_metrics",
     "normalize_matrix",
     "plasticity",
     "plasticity_per_task",
@@ -247,3 +256,39 @@ def grouped_metrics(matrix: Sequence[Sequence[Cell]], groups: Sequence[str | Non
                   **{name: _mean(values[j] for j in cols if j < len(values)) for name, values in per_task.items()},
                   "average_incremental": _mean(_mean(R[i][j] for j in cols if L[j] <= i) for i in range(T))}
     return out
+
+
+def _per_step(metric, R, *args) -> list[float]:
+    """metric on the rows up to each step t; 0 where it has nothing to average (the first step)."""
+    values = [metric(R[: t + 1], *args) for t in range(len(R))]
+    return [0.0 if v is None else v for v in values]
+
+
+def mcil_metrics(
+    matrix: Sequence[Sequence[Cell]],
+    task_similarity: Sequence[float],
+    nmi: Sequence[float] | None = None,
+    initial_scores: Sequence[Cell] | None = None,
+    pre_step_scores: Sequence[Cell] | None = None,
+) -> dict:
+    """``m1`` and ``m2`` (module docstring) with their per-step terms. ``task_similarity[t]`` = sim_t for every
+    step; ``nmi`` = the NMI of each unimodal representation (None: no audio-visual task, m2 None). m2 is also
+    None without forward transfer (``initial_scores``) for the steps after the first."""
+    R = normalize_matrix(matrix)
+    T = len(R)
+    if T == 0 or len(task_similarity) < T:
+        raise ValueError(f"mcil_metrics: one task similarity per step needed ({T} steps, "
+                         f"{len(task_similarity)} similarities)")
+    sim = [float(s) for s in task_similarity[:T]]
+    acc = average_incremental(R)
+    f = _per_step(forgetting, R)
+    bwt = _per_step(backward_transfer, R)
+    fwt = [forward_transfer(R[: t + 1], initial_scores, pre_step_scores) for t in range(T)]
+    fwt[0] = 0.0 if fwt[0] is None else fwt[0]
+    m1 = None if acc is None else acc / 2 + _mean((1 - s) * (100 - ft) for s, ft in zip(sim, f)) / 2
+    m2 = None
+    if acc is not None and nmi and all(v is not None for v in fwt):
+        transfer = _mean(b + w for b, w in zip(bwt, fwt))
+        m2 = (acc / 100 / 2 + transfer / 100 / 2) / 2 + _mean(float(v) for v in nmi) / 2
+    return {"m1": m1, "m2": m2, "task_similarity": sim, "forgetting_per_step": f, "bwt_per_step": bwt,
+            "fwt_per_step": fwt, "nmi": None if nmi is None else [float(v) for v in nmi]}

@@ -12,6 +12,7 @@ The task-order loop and the Trainer call, for every method of a recipe, in this 
                                              once per optimizer step, on every process
     on_epoch_end(ctx)                        after every epoch
     on_task_end(ctx)                         once, after training, before evaluation
+    step_metrics(ctx) -> dict                once, after on_task_end: numbers kept in the step's record
 
 What hooks read comes through their arguments: `outputs` of `extra_loss` is the main forward's
 MultimodalOutput (loss, logits, the projected `media_tokens`, the media modulator's `aux`, and the LLM's
@@ -161,6 +162,11 @@ class ContinualMethod:
 
     def on_task_end(self, ctx: StepContext) -> None:
         """Called once after the step's training, before evaluation."""
+
+    def step_metrics(self, ctx: StepContext) -> dict:
+        """JSON numbers the method measured in this step, kept in the step's record (metrics.json, and the
+        `steps` of results.json) under `method_metrics.<name>`; {} adds nothing."""
+        return {}
 
     def state_dict(self) -> dict:
         return {}

@@ -127,6 +127,7 @@ class ContinualRun:
         for method in self.methods:
             method.on_task_end(ctx)
         seen = self._seen_tasks(step)
+        method_metrics = {m.name: values for m in self.methods if (values := m.step_metrics(ctx))}
         metrics, predictions = {}, {}
         for task in seen:
             result = self._evaluate(task, f"eval {task.name} after step {step}")
@@ -140,6 +141,7 @@ class ContinualRun:
             "row": [metrics[t.name]["score"] for t in seen],
             "metrics": metrics,
             "pre_step_scores": pre_step,
+            **({"method_metrics": method_metrics} if method_metrics else {}),
             **train_stats,
             "trainable_params": trainable,
             "eval_runtime_s": eval_seconds,  # scoring the tasks before and after training (not encoding media)

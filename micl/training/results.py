@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from ..evaluation.continual import continual_metrics, grouped_metrics
+from ..evaluation.continual import continual_metrics, grouped_metrics, mcil_metrics
 from ..evaluation.efficiency import efficiency_summary
 from ..evaluation.report import metric_line, write_report
 from ..run_folder import RunFolder
@@ -50,6 +50,7 @@ def write_results(folder: RunFolder, task_names: list[str], config: dict, phases
         "initial_scores": initial,
         "pre_step_scores": pre_step,
         "efficiency": efficiency_summary(finished),
+        **_mcil(matrix, finished, initial, pre_step),
         "steps": [{k: v for k, v in row.items() if k != "log_history"} for row in finished],
         "complete": len(finished) == len(phases),
         "config": config,
@@ -57,3 +58,18 @@ def write_results(folder: RunFolder, task_names: list[str], config: dict, phases
     atomic_write_json(folder.results_file, results)
     write_report(folder.path)
     return results
+
+
+def _mcil(matrix, finished: list[dict], initial, pre_step) -> dict:
+    """{"mcil": M1 / M2} when a method reported their inputs for every step (`task_similarity`, and `nmi` once an
+    audio-visual task was learned: the last one reported counts) in the records' `method_metrics`."""
+    similarity, nmi = [], None
+    for row in finished:
+        reported = [m for m in (row.get("method_metrics") or {}).values() if "task_similarity" in m]
+        if not reported:
+            return {}
+        similarity.append(reported[0]["task_similarity"])
+        nmi = next((list(m["nmi"].values()) for m in reported if m.get("nmi")), nmi)
+    if not similarity or nmi is None:
+        return {}
+    return {"mcil": mcil_metrics(matrix[: len(finished)], similarity, nmi, initial, pre_step)}
