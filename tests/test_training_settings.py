@@ -86,3 +86,15 @@ def test_gradient_checkpointing_recomputes_the_llm_layers(tiny_models, synth_roo
     for decoding in ("eval.num_beams=2", "eval.max_new_tokens=5", "eval.repetition_penalty=1.2"):
         with pytest.raises(ConfigError, match=r"different settings \(eval\)"):
             _run(tiny_models, synth_root, tmp_path / "plain", decoding).run()
+
+
+def test_another_tuners_settings_are_not_part_of_a_runs_identity():
+    """A plain-LoRA run does not depend on gated LoRA's gate_init (whose default changed), a gated one does."""
+    from micl.training.run_identity import identity
+
+    plain = {"lora": {"type": "lora", "r": 8, "gate_init": 0.5, "num_experts": 10}}
+    assert identity(plain, "lora") == identity({"lora": {**plain["lora"], "gate_init": 1.0}}, "lora")
+    assert identity(plain, "lora") != identity({"lora": {**plain["lora"], "r": 4}}, "lora")
+    gated = {"lora": {**plain["lora"], "type": "gated_lora"}}
+    assert identity(gated, "lora") != identity({"lora": {**gated["lora"], "gate_init": 1.0}}, "lora")
+    assert identity(gated, "lora") == identity({"lora": {**gated["lora"], "num_experts": 4}}, "lora")

@@ -4,9 +4,10 @@ is computed may differ, so that a killed run resumes on another machine or with 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
-from ..config import RecipeConfig
+from ..config import LoraArgs, RecipeConfig
 from ..errors import ConfigError
 from ..run_folder import RunFolder
 from ..utils.io import atomic_write_json
@@ -23,11 +24,20 @@ RUNTIME_KEYS = {"model": ("attn_implementation",),
                 "eval": ("batch_size",)}
 
 
+def _other_tuners_keys(lora: dict) -> set[str]:
+    """The `lora` keys that belong to another tuner than `lora.type` (they do not change the run, and their
+    defaults may change: gated LoRA's gate_init did)."""
+    return {f.name for f in dataclasses.fields(LoraArgs)
+            if f.metadata.get("tuner") not in (None, lora.get("type", "lora"))}
+
+
 def identity(config: dict, key: str):
-    """`config[key]` without its RUNTIME_KEYS."""
+    """`config[key]` without its RUNTIME_KEYS (and, for `lora`, without another tuner's keys)."""
     value = config.get(key)
     if isinstance(value, dict) and key in RUNTIME_KEYS:
         value = {k: v for k, v in value.items() if k not in RUNTIME_KEYS[key]}
+    if isinstance(value, dict) and key == "lora":
+        value = {k: v for k, v in value.items() if k not in _other_tuners_keys(value)}
     return value
 
 
