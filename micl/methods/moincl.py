@@ -131,10 +131,7 @@ class MoInCL(ContinualMethod):
         self.pseudo = []
         if ctx.step == 0:
             return
-        self.pseudo_num = per_step(self.args.pseudo_num, ctx.step)
-        if self.pseudo_num > ctx.batch_size:
-            raise ConfigError(f"method_args.moincl.pseudo_num ({self.pseudo_num}) is larger than "
-                              f"train.batch_size ({ctx.batch_size})")
+        self.pseudo_num = per_step(self.args.pseudo_num, ctx.step)  # <= batch size: check_recipe
         self.lambda_kl = per_step(self.args.lambda_kl, ctx.step)
         self.teacher = PreviousModelTeacher.acquire(ctx.model)
         if self.pseudo_num and self.pseudo_this_step(ctx):
