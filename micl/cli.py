@@ -40,15 +40,6 @@ def _train(args) -> int:
     return 0
 
 
-def _run_finished(run_dir) -> bool:
-    """The run's results.json says every step of its order is finished."""
-    import json
-    from pathlib import Path
-
-    path = Path(run_dir) / "results.json"
-    return path.is_file() and bool(json.loads(path.read_text()).get("complete"))
-
-
 _COMPARE_KEYS = ("order", "seed", "output_dir")  # set by micl compare for each run
 
 
@@ -60,6 +51,8 @@ def _compare_command(args) -> str:
     if args.seeds is not None:
         words += ["--seeds", *map(str, args.seeds)]
     words += ["--out", str(args.out)]
+    if args.records is not None:
+        words += ["--records", str(args.records)]
     if args.overrides:
         words += ["--set", *args.overrides]
     if args.skip_missing:
@@ -74,7 +67,8 @@ def _compare(args) -> int:
     from .config import load_recipe, parse_override
     from .launch import already_launched
     from .evaluation.compare import run_folder_name, run_summary, write_comparison
-    from .training.loop import train
+    from .run_records import is_complete, restore_record, save_record
+    from .training.loop import ContinualRun
 
     for override in args.overrides:
         key = ".".join(parse_override(override)[0])
@@ -96,18 +90,26 @@ def _compare(args) -> int:
                     print(f"[micl compare] {recipe}: launch.config is ignored here (runs one recipe after another "
                           f"in this process; start micl compare under accelerate launch instead)", flush=True)
                 label = f"{method} / {order} / seed {run_seed}"
-                if args.skip_missing and not _run_finished(run_dir):
+                run = ContinualRun(config, source=recipe)
+                record = None if args.records is None else Path(args.records) / run_dir.name
+                if record is not None and restore_record(record, run_dir, run.resolved_config()):
+                    print(f"[micl compare] {label}: finished run restored from its record {record}", flush=True)
+                if args.skip_missing and not is_complete(run_dir):
                     print(f"[micl compare] {label}: no finished run in {run_dir}, left out", flush=True)
                     missing.append(str(run_dir))
                     continue
                 print(f"[micl compare] {label} -> {run_dir}", flush=True)
-                train(config, source=recipe)
+                run.run()
+                del run
                 gc.collect()  # the next run's peak RSS starts from what this one leaves
+                if record is not None:
+                    save_record(run_dir, record)
                 rows.append(run_summary(run_dir, method, order, run_seed))
     if not rows:
         raise MiclError(f"{args.out}: no finished run to compare (--skip-missing trains nothing)")
-    path = write_comparison(rows, args.out, _compare_command(args), seeds=args.seeds, orders=args.orders,
-                            missing=missing)
+    for folder in [args.out, *([] if args.records is None else [args.records])]:
+        path = write_comparison(rows, folder, _compare_command(args), seeds=args.seeds, orders=args.orders,
+                                missing=missing)
     print(f"comparison: {path}" + (f" ({len(missing)} runs not finished, left out)" if missing else ""))
     return 0
 
@@ -223,9 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", nargs="+", type=int, default=None,
                          help="seeds of every run (default: each recipe's own seed)")
     compare.add_argument("--out", default="runs/compare", help="folder of the runs and the table")
+    compare.add_argument("--records", default=None,
+                         help="folder of finished runs' records (results and metrics, no weights; can live in git): "
+                              "a run with a record is not trained again, a finished run gets one, and the table is "
+                              "written there too (micl/run_records.py)")
     compare.add_argument("--set", dest="overrides", nargs="*", default=[], help="overrides for every run")
     compare.add_argument("--skip-missing", action="store_true",
-                         help="tabulate only the runs already finished in --out; train nothing")
+                         help="tabulate only the runs already finished in --out (or recorded in --records); "
+                              "train nothing")
     compare.set_defaults(func=_compare)
 
     report = commands.add_parser("report", help="(re)write report.md and plots of a run")

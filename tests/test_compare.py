@@ -191,3 +191,67 @@ def test_compare_runs_each_seed_into_its_folder_and_reuses_finished_runs(tiny_mo
     capsys.readouterr()
     assert main(argv) == 0  # a second time: both runs are finished and reused
     assert capsys.readouterr().out.count("all 1 steps already finished") == 2
+
+
+def test_records_of_finished_runs_let_a_fresh_machine_reuse_them_and_refuse_other_settings(
+        tiny_models, synth_root, tmp_path, capsys, monkeypatch):
+    from conftest import tiny_recipe_overrides
+    from micl.training.loop import ContinualRun
+
+    overrides = [o for o in tiny_recipe_overrides(tiny_models, synth_root, tmp_path / "unused")
+                 if not o.startswith("output_dir=")]
+    out, records = tmp_path / "compare", tmp_path / "records"
+    argv = ["compare", *_recipes("zeroshot"), "--orders", "quick", "--seeds", "0", "1", "--out", str(out),
+            "--records", str(records), "--set", *overrides]
+    assert main(argv) == 0
+    kept = sorted(str(p.relative_to(records / "zeroshot-quick")) for p in (records / "zeroshot-quick").rglob("*")
+                  if p.is_file())
+    assert "results.json" in kept and "run_config.json" in kept and any(k.endswith("/metrics.json") for k in kept)
+    assert all(k.endswith((".json", ".jsonl")) for k in kept)  # no weights, no logs
+    first = json.loads((records / "compare.json").read_text())
+    assert "--records" in (records / "compare.md").read_text()
+
+    shutil.rmtree(out)  # a fresh machine: only the records (in git) are left
+
+    def no_training(self, step, initial):
+        raise AssertionError("a recorded run was trained again")
+
+    monkeypatch.setattr(ContinualRun, "_run_step", no_training)
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("restored from its record") == 2
+    again = json.loads((out / "compare.json").read_text())
+    assert [r["values"] for r in again["runs"]] == [r["values"] for r in first["runs"]]
+
+    shutil.rmtree(out)
+    changed = [a if a != "--set" else "--set" for a in argv] + ["eval.max_new_tokens=7"]
+    assert main(changed) == 2
+    err = capsys.readouterr().err
+    assert "zeroshot-quick" in err and "different settings (eval)" in err
+    assert (records / "zeroshot-quick" / "results.json").is_file()  # the finished work is kept
+
+
+def test_a_record_is_only_written_for_a_complete_run_and_replaces_the_old_one_whole(tmp_path):
+    from micl.errors import ConfigError
+    from micl.run_records import restore_record, save_record
+    from micl.training.run_identity import with_defaults
+
+    partial = fake_run(tmp_path / "partial", [[75.0, None]])  # 1 of 2 steps
+    assert not save_record(partial, tmp_path / "rec_partial") and not (tmp_path / "rec_partial").exists()
+    done = fake_run(tmp_path / "done", [[80.0, None], [50.0, 40.0]])
+    (done / "step_0_synth_image_caption" / "adapter").mkdir()
+    (done / "step_0_synth_image_caption" / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    record = tmp_path / "rec"
+    record.mkdir()
+    (record / "stale.json").write_text("{}")
+    stored = {"seed": 0, "method": "finetune", "order": [CAPTION, QA]}
+    (done / "run_config.json").write_text(json.dumps(stored))
+    assert save_record(done, record)
+    assert not (record / "stale.json").exists() and not (record / "step_0_synth_image_caption" / "adapter").exists()
+    assert (record / "results.json").read_bytes() == (done / "results.json").read_bytes()
+    resolved = with_defaults(stored)
+    assert restore_record(record, tmp_path / "fresh", resolved)
+    assert (tmp_path / "fresh" / "step_1_synth_audio_qa" / "metrics.json").is_file()
+    assert not restore_record(record, tmp_path / "fresh", resolved)  # a folder with a run in it is left alone
+    with pytest.raises(ConfigError, match="different settings \\(seed\\)"):
+        restore_record(record, tmp_path / "other", {**resolved, "seed": 1})

@@ -91,13 +91,18 @@ class ContinualRun:
         if self.config.train.num_threads:
             torch.set_num_threads(self.config.train.num_threads)
         init_distributed(self.config.train.ddp_timeout)  # a no-op in a single process; docs/distributed.md
-        resolved = {**self.config.to_dict(), "order": [t.name for t in self.tasks]}
-        if self.schedule != "sequential":
-            resolved["phases"] = [plan.name for plan in self.plan]
-        check_or_write(self.folder, resolved, write=is_main_process())
+        check_or_write(self.folder, self.resolved_config(), write=is_main_process())
         barrier()
         with main_process_first():
             self.data.ensure_synthetic(self.tasks)
+
+    def resolved_config(self) -> dict:
+        """What run_config.json records: the recipe with its order as task names (and the phases, where a step is
+        not one task)."""
+        resolved = {**self.config.to_dict(), "order": [t.name for t in self.tasks]}
+        if self.schedule != "sequential":
+            resolved["phases"] = [plan.name for plan in self.plan]
+        return resolved
 
     def _first_task(self, step: int) -> int:
         """The position in the order of the step's first task (the steps' tasks are consecutive runs of it)."""

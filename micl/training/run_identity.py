@@ -54,6 +54,12 @@ def with_defaults(stored: dict) -> dict:
     return filled
 
 
+def changed_keys(stored: dict, resolved: dict) -> list[str]:
+    """The RUN_IDENTITY_KEYS in which a stored run_config (of any release) and `resolved` differ."""
+    previous = with_defaults(stored)
+    return [k for k in RUN_IDENTITY_KEYS if identity(previous, k) != identity(resolved, k)]
+
+
 def check_or_write(folder: RunFolder, resolved: dict, write: bool) -> None:
     """Refuses a run folder that holds a run with other settings; else records `resolved` (when `write`:
     the main process) if the folder has no run yet."""
@@ -63,8 +69,7 @@ def check_or_write(folder: RunFolder, resolved: dict, write: bool) -> None:
             stored = json.loads(path.read_text())
         except ValueError as err:
             raise ConfigError(f"{path}: not a readable run_config.json ({err}); choose another output_dir") from None
-        previous = with_defaults(stored)
-        changed = [k for k in RUN_IDENTITY_KEYS if identity(previous, k) != identity(resolved, k)]
+        changed = changed_keys(stored, resolved)
         if changed:
             raise ConfigError(f"{path}: output_dir already holds a run with different settings ({', '.join(changed)}); "
                               f"resume it with the same recipe or choose another output_dir")
