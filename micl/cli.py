@@ -255,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--n-train", type=int, default=64)
-    synth.add_argument("--n-val", type=int, default=16)
-    synth.add_argument("--n-test", type=int, default=24)
+    synth.add_argument("--n-val", type=int, default=48)
+    synth.add_argument("--n-test", type=int, default=96)
     synth.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="only these tasks (default: all)")
     synth.set_defaults(func=_synth)
     from .data.converters import CONVERTERS, converter_module

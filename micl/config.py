@@ -74,8 +74,8 @@ class DataArgs:
     root: str = field(default="data/synth", metadata={"help": "dataset root (jsonl per task and split)", "path": True})
     synth_seed: int = field(default=0, metadata={"help": "seed of micl-synth, generated on first use"})
     synth_train: int = 64
-    synth_val: int = 16
-    synth_test: int = 24
+    synth_val: int = 48
+    synth_test: int = 96
     max_train_samples: int | None = field(default=None, metadata={"help": "cap per task; null = all"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "cap per task; null = all"})
     eval_split: str = field(default="test", metadata={"choices": ["train", "val", "test"]})

@@ -44,7 +44,7 @@ SYNTH_TASKS = (
     "synth_av_caption",
 )
 SPLITS = ("train", "val", "test")
-DEFAULT_COUNTS = {"train": 64, "val": 16, "test": 24}
+DEFAULT_COUNTS = {"train": 64, "val": 48, "test": 96}
 
 IMAGE_SIZE = 224
 AUDIO_SR = 16000
