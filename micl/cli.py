@@ -62,6 +62,7 @@ def _compare_command(args) -> str:
 
 def _compare(args) -> int:
     import gc
+    import shutil
     from pathlib import Path
 
     from .config import load_recipe, parse_override
@@ -107,9 +108,12 @@ def _compare(args) -> int:
                 rows.append(run_summary(run_dir, method, order, run_seed))
     if not rows:
         raise MiclError(f"{args.out}: no finished run to compare (--skip-missing trains nothing)")
-    for folder in [args.out, *([] if args.records is None else [args.records])]:
-        path = write_comparison(rows, folder, _compare_command(args), seeds=args.seeds, orders=args.orders,
-                                missing=missing)
+    path = write_comparison(rows, args.out, _compare_command(args), seeds=args.seeds, orders=args.orders,
+                            missing=missing)
+    if args.records is not None:  # the table beside the records it was made from
+        Path(args.records).mkdir(parents=True, exist_ok=True)
+        for name in ("compare.md", "compare.json", "compare.png"):
+            shutil.copy2(path.parent / name, Path(args.records) / name)
     print(f"comparison: {path}" + (f" ({len(missing)} runs not finished, left out)" if missing else ""))
     return 0
 

@@ -34,8 +34,11 @@ def is_complete(folder: str | Path) -> bool:
         raise MiclError(f"{path}: not readable JSON ({err})") from None
 
 
-def _record_files(folder: Path) -> list[Path]:
-    return sorted({p.relative_to(folder) for pattern in RECORD_PATTERNS for p in folder.glob(pattern) if p.is_file()})
+def _copy_record_files(source: Path, target: Path) -> None:
+    found = {p.relative_to(source) for pattern in RECORD_PATTERNS for p in source.glob(pattern) if p.is_file()}
+    for relative in sorted(found):
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / relative, target / relative)
 
 
 def save_record(run_dir: str | Path, record_dir: str | Path) -> bool:
@@ -47,9 +50,7 @@ def save_record(run_dir: str | Path, record_dir: str | Path) -> bool:
     tmp = record_dir.with_name(f".{record_dir.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    for relative in _record_files(run_dir):
-        (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(run_dir / relative, tmp / relative)
+    _copy_record_files(run_dir, tmp)
     old = record_dir.with_name(f".{record_dir.name}.old")
     if record_dir.exists():
         if old.exists():
@@ -82,7 +83,5 @@ def restore_record(record_dir: str | Path, run_dir: str | Path, resolved: dict) 
                           f"another --records folder")
     if run_dir.exists() and any(run_dir.iterdir()):
         return False
-    for relative in _record_files(record_dir):
-        (run_dir / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(record_dir / relative, run_dir / relative)
+    _copy_record_files(record_dir, run_dir)
     return True

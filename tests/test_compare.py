@@ -224,7 +224,7 @@ def test_records_of_finished_runs_let_a_fresh_machine_reuse_them_and_refuse_othe
     assert [r["values"] for r in again["runs"]] == [r["values"] for r in first["runs"]]
 
     shutil.rmtree(out)
-    changed = [a if a != "--set" else "--set" for a in argv] + ["eval.max_new_tokens=7"]
+    changed = [*argv, "eval.max_new_tokens=7"]
     assert main(changed) == 2
     err = capsys.readouterr().err
     assert "zeroshot-quick" in err and "different settings (eval)" in err
