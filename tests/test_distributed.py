@@ -146,8 +146,8 @@ def _epochs(batches: list[list[int]], per_epoch: int) -> list[list[int]]:
 
 @pytest.mark.parametrize("config, distributed_type, zero_stage", [
     ("ddp.yaml", "MULTI_CPU", None),
-    ("zero2.yaml", "DEEPSPEED", 2),
-    ("zero3.yaml", "DEEPSPEED", 3),
+    pytest.param("zero2.yaml", "DEEPSPEED", 2, marks=pytest.mark.slow),  # one more 90 s launch; ZeRO-2 runs in
+    ("zero3.yaml", "DEEPSPEED", 3),                                      # test_zero2_checkpoints_... by default
 ])
 def test_two_processes_share_each_epoch_and_match_one_process(config, distributed_type, zero_stage, launched,
                                                                reference):
@@ -246,7 +246,7 @@ def test_zero3_checkpoint_reloads_in_one_process(launched, tiny_models, synth_ro
                                rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("config", ["zero2.yaml", "zero3.yaml"])
+@pytest.mark.parametrize("config", [pytest.param("zero2.yaml", marks=pytest.mark.slow), "zero3.yaml"])
 def test_moincl_teacher_forward_and_interpolation_under_deepspeed(config, launched):
     pytest.importorskip("deepspeed")
     run = launched(config)
