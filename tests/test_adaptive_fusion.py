@@ -272,9 +272,22 @@ def test_per_task_gates_and_single_medium_rows_in_one_batch():
     assert torch.equal(out["video"][1], video[1])  # a video without sound passes through
     assert torch.allclose(out["video"][0], video[0] * 2 * wa[0]) and torch.allclose(out["audio"][0], audio[0] * 2 * wa[1])
     assert torch.allclose(out["video"][2], video[2] * 2 * wb[0]) and torch.allclose(out["audio"][1], audio[1] * 2 * wb[1])
-    assert torch.allclose(out["video"][3], video[3]) and torch.allclose(out["audio"][2], audio[2])  # no gate: 1/2 each
-    assert aux[DECISIONS]["rows"] == [0, 3, 4]
+    assert torch.equal(out["video"][3], video[3]) and torch.equal(out["audio"][2], audio[2])  # no gate: as they are
+    assert aux[DECISIONS]["rows"] == [0, 3]
     assert aux[GATE_SPACE][2] == [0, 1]  # the rows whose task has a gate space
+
+
+@pytest.mark.parametrize("gate", ["hard", "soft"])
+def test_a_task_without_a_gate_keeps_both_media_at_the_paper_threshold(gate):
+    """Before an audio-visual task is trained (its zero-shot score, forward transfer) it has no gate: no
+    decision is made for it, and neither medium is dropped (r of raw tokens is below 0.8, so a gate with
+    zero router logits would keep the first medium "alone" and zero the sound)."""
+    fusion = fusion_for("trained", threshold=0.8, gate=gate)
+    video, audio = tokens_with_correlation(0.1)
+    aux = {}
+    out = fuse_one(fusion, video, audio, task="untrained", aux=aux)
+    assert torch.equal(out["video"], video) and torch.equal(out["audio"], audio)
+    assert DECISIONS not in aux and POOLED not in aux and GATE_SPACE not in aux
 
 
 # ---- the model and the method's losses ------------------------------------------------------------------

@@ -395,3 +395,35 @@ def test_knowledge_preservation_keeps_the_first_tasks_outputs(tiny_models, synth
     assert first == first_off  # the first task trains alike
     print(f"memory CE after task 1 {first:.4f}; after task 2: with {with_memory:.4f}, without {without:.4f}")
     assert with_memory - first < 0.5 * (without - first)
+
+
+def test_sample_routing_through_the_multimodal_model_pools_the_prompt_only(tiny_models):
+    """MultimodalLM computes its loss itself and gives the LLM no labels: the router must still see them, or
+    sample routing pools the targets in training (and routes differently from generation, which has none)."""
+    from micl.adapters import build_peft_config
+    from micl.config import LoraArgs
+    from micl.data.collator import MultimodalCollator
+    from micl.modeling.llm import load_llm
+    from micl.modeling.multimodal import MultimodalLM
+    from micl.modeling.prompting import PromptBuilder
+    from test_modeling import example
+
+    torch.manual_seed(0)
+    llm, tokenizer = load_llm(tiny_models["llm"])
+    config = build_peft_config(LoraArgs(type="moe_lora", dropout=0.0, num_experts=4, top_k=2, routing="sample"))
+    model = MultimodalLM.with_adapter(llm, tokenizer, {"image": 12}, config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.5)
+    builder, collate = PromptBuilder(tokenizer, ""), MultimodalCollator(tokenizer.pad_token_id)
+    features = torch.randn(4, 12)
+    batches = [collate([example(builder, "describe.", "image", features, target)])
+               for target in ("a red circle", "a blue square")]
+    assert batches[0]["input_ids"].shape == batches[1]["input_ids"].shape
+    prompt_length = int((batches[0]["labels"][0] == -100).sum())
+    model.eval()
+    with torch.no_grad():
+        logits = [model(**{**batch, "logits_to_keep": 0}).logits[:, :prompt_length] for batch in batches]
+    # the prompt is the same, so the routing is, so is every logit before the first target token
+    torch.testing.assert_close(logits[0], logits[1])

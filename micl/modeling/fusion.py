@@ -13,7 +13,8 @@ Two parts, in this order:
    The router starts with its own expert's bias at 1 (a new task starts on its own adapter) and zeros
    elsewhere. Rows of a task without an expert (not trained yet) pass through unchanged.
 
-2. The audio-visual gate (the paper's AAVFM), for rows with both media (found in `media_rows` of both):
+2. The audio-visual gate (the paper's AAVFM), for rows with both media (found in `media_rows` of both) whose task
+   has a gate (a task not trained yet has none: its rows keep both media as they are):
 
        p_v, p_a  = mean over tokens of the adapted video / audio tokens                   [d] each
        r         = Pearson correlation of head_v(p_v) and head_a(p_a)  (the task's shared gate space, [k])
@@ -214,20 +215,16 @@ class AdaptiveFusion(nn.Module):
 
     # ---- the audio-visual decision ---------------------------------------------------------------------------
     def gate_space(self, pooled_first: torch.Tensor, pooled_second: torch.Tensor, tasks: list[str]):
-        """r [n] and, for the rows whose task has a gate, (h_first, h_second) [m, k] with their positions: each
-        row's pooled media in its task's gate space. The heads read the pooled tokens detached: they learn from
-        the method's alignment loss and, under the soft gate, from the LM loss through r. A row without a
-        gate (its task not trained yet) correlates the pooled tokens themselves."""
-        r, h_first, h_second, rows = [], [], [], []
+        """r [n] and (h_first, h_second) [n, k]: each row's pooled media in its task's gate space (every task
+        has a gate here, see forward). The heads read the pooled tokens detached: they learn from the method's
+        alignment loss and, under the soft gate, from the LM loss through r."""
+        h_first, h_second = [], []
         for i, task in enumerate(tasks):
-            a, b = pooled_first[i].detach(), pooled_second[i].detach()
-            gate = self.gate_of(task)
-            if gate is not None:
-                a, b = gate.heads[0](a), gate.heads[1](b)
-                h_first.append(a), h_second.append(b), rows.append(i)
-            r.append(pearson(a[None].float(), b[None].float())[0])
-        space = (torch.stack(h_first).float(), torch.stack(h_second).float(), rows) if rows else None
-        return torch.stack(r), space
+            heads = self.gate_of(task).heads
+            h_first.append(heads[0](pooled_first[i].detach()))
+            h_second.append(heads[1](pooled_second[i].detach()))
+        h_first, h_second = torch.stack(h_first).float(), torch.stack(h_second).float()
+        return pearson(h_first, h_second), (h_first, h_second, list(range(len(tasks))))
 
     def decide(self, pooled_first: torch.Tensor, pooled_second: torch.Tensor, tasks: list[str]) -> dict:
         """For n rows with pooled media [n, d] of both modalities and their task names: r [n], the router
@@ -238,8 +235,8 @@ class AdaptiveFusion(nn.Module):
         logits, shares = [], []
         for i, task in enumerate(tasks):
             gate = self.gate_of(task)
-            logits.append(gate.router(joint[i]) if gate is not None else joint.new_zeros(2))
-            if self.gate == "soft" and gate is not None:
+            logits.append(gate.router(joint[i]))
+            if self.gate == "soft":
                 shares.append(gate.soft_gate(r[i]))
             elif self.gate in ("hard", "soft"):
                 shares.append((r[i] >= self.threshold).float().detach())
@@ -279,8 +276,10 @@ class AdaptiveFusion(nn.Module):
         first, second = self.modalities
         if first not in result or second not in result:
             return result
+        # rows with both media whose task has a gate; the others (a task not trained yet) keep both as they are
         position = {row: j for j, row in enumerate(media_rows[second].tolist())}
-        pairs = [(i, position[row], row) for i, row in enumerate(media_rows[first].tolist()) if row in position]
+        pairs = [(i, position[row], row) for i, row in enumerate(media_rows[first].tolist())
+                 if row in position and media_tasks[row] in self.fusion_tasks]
         if not pairs:
             return result
         x, y = result[first], result[second]
@@ -292,8 +291,7 @@ class AdaptiveFusion(nn.Module):
         scale = self.scales(decision)
         x_scaled, y_scaled = x[index_x] * scale[:, 0, None, None].to(x.dtype), y[index_y] * scale[:, 1, None, None].to(y.dtype)
         aux[POOLED] = {first: pooled_x, second: pooled_y, "fused": torch.cat([x_scaled, y_scaled], 1).mean(1)}
-        if decision["space"] is not None:
-            aux[GATE_SPACE] = decision["space"]
+        aux[GATE_SPACE] = decision["space"]
         aux[DECISIONS] = {"rows": [row for _, _, row in pairs], "tasks": tasks,
                           **{k: v.detach() for k, v in decision.items() if k != "space"}}
         result[first] = x.index_copy(0, index_x, x_scaled)

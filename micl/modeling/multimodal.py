@@ -11,6 +11,8 @@ on load in order; `media_modulator.safetensors` a module applied to the projecte
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib
 import inspect
 import json
@@ -200,8 +202,9 @@ class MultimodalLM(nn.Module):
         kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep and self._keeps_logits else {}
         if output_hidden_states:
             kwargs["output_hidden_states"] = True
-        outputs = self.llm(inputs_embeds=embeds, attention_mask=attention_mask,
-                           position_ids=self.position_ids(attention_mask), **kwargs)
+        with self._labels_for_the_tuner(labels):
+            outputs = self.llm(inputs_embeds=embeds, attention_mask=attention_mask,
+                               position_ids=self.position_ids(attention_mask), **kwargs)
         logits = outputs.logits
         result = MultimodalOutput(logits=logits, logits_offset=input_ids.shape[1] - logits.shape[1],
                                   media_tokens=media_tokens, aux=aux)
@@ -214,6 +217,12 @@ class MultimodalLM(nn.Module):
             result.num_tokens = (targets != IGNORE_INDEX).sum()
             result.loss = result.loss_sum / result.num_tokens.clamp(min=1)
         return result
+
+    def _labels_for_the_tuner(self, labels):
+        """The LLM is called without labels (the loss is computed here, on the kept logits only); a tuner that
+        reads them (moe_lora's sample routing pools the prompt) is given them this way."""
+        give = getattr(getattr(self.llm, "base_model", None), "labels_for_routing", None)
+        return give(labels) if give is not None and labels is not None else contextlib.nullcontext()
 
     @cached_property
     def _keeps_logits(self) -> bool:

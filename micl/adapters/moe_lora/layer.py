@@ -18,7 +18,8 @@ from .config import MoeLoraConfig
 class RoutingContext:
     """What the layers of one model need to know about the current forward call, set by a forward pre-hook on
     the wrapped transformers model (`MoeLoraModel`): the attention mask (padding is not counted and, with
-    sample routing, not pooled) and the labels (sample routing pools the prompt: label -100).
+    sample routing, not pooled) and the labels (sample routing pools the prompt: label -100), passed to the
+    model or, by a caller that computes its loss itself, given through `MoeLoraModel.labels_for_routing`.
 
     Under activation checkpointing the decoder layers run again in the backward, after the model's forward has
     returned and cleared the context. `MoeLoraModel.checkpoint_context_fn` (torch.utils.checkpoint's
@@ -28,6 +29,7 @@ class RoutingContext:
     def __init__(self):
         self.attention_mask: Optional[torch.Tensor] = None
         self.labels: Optional[torch.Tensor] = None
+        self.given_labels: Optional[torch.Tensor] = None  # for callers that compute the loss themselves
         self.cached_length = 0  # positions already in the KV cache (> 0: incremental decoding)
         self.active = False  # inside a forward of the wrapped model
         self.replaying = False  # inside a checkpointed layer's recomputation in the backward

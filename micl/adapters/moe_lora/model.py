@@ -36,6 +36,8 @@ class MoeLoraModel(BaseTuner):
             mask = kwargs.get("attention_mask")
             context.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
             labels = kwargs.get("labels")
+            if labels is None:
+                labels = context.given_labels
             context.labels = labels if isinstance(labels, torch.Tensor) else None
             context.cached_length = 0
             context.active = True
@@ -56,6 +58,18 @@ class MoeLoraModel(BaseTuner):
         for module in self.model.modules():
             if isinstance(module, MoeLoraLayer):
                 module.routing_context = context
+
+    @contextlib.contextmanager
+    def labels_for_routing(self, labels: Optional[torch.Tensor]):
+        """The labels of the forwards inside, for a caller that computes its loss itself and so calls the model
+        without them (MultimodalLM): sample routing pools the prompt (label -100) as the docs promise, in
+        training as in generation, rather than prompt and targets."""
+        previous = self.routing_context.given_labels
+        self.routing_context.given_labels = labels
+        try:
+            yield
+        finally:
+            self.routing_context.given_labels = previous
 
     def checkpoint_context_fn(self):
         """torch.utils.checkpoint's `context_fn` (non-reentrant): called at every checkpointed call in the
