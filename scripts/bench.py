@@ -406,8 +406,8 @@ def method_step_child(method_name: str, steps: int = 6) -> dict:
     # batch's, plus the rows a method adds (MoInCL's pseudo-target duplicates and instructions)
     augmented, _ = trainer.get_batch_samples(iter([batch]), 1, trainer.args.device)
     trained_tokens = int(batch["attention_mask"].sum())
-    if "moincl" in augmented[0]:
-        trained_tokens += int(augmented[0]["moincl"]["attention_mask"].sum())
+    for rows in augmented[0].get("moincl", {}).values():
+        trained_tokens += int(rows["attention_mask"].sum())
     with HostSyncCounter() as syncs:  # micl's part of the step (torch's AdamW reads its step counts on the host)
         forward_backward()
     optimizer.zero_grad()

@@ -512,9 +512,9 @@ class Bench:
         # the pseudo targets are made once per step (teacher captions), not per training step
         moincl.pseudo = [(PSEUDO_INSTRUCTION, PSEUDO_TARGET)] * batch_size
         trainer, prepared = self.micl_trainer(model, [moincl], ctx, batch_size)
-        extra = moincl.augment_batch(batch, ctx)["moincl"]  # one student and one teacher pass over these rows
-        result["rows"] = {"main": batch_size, "pseudo": int(extra["pseudo_mask"].any(-1).sum()),
-                          "instructions": int(extra["instruction_mask"].any(-1).sum())}
+        extra = moincl.augment_batch(batch, ctx)["moincl"]  # one student and one teacher pass over each
+        result["rows"] = {"main": batch_size, "pseudo": len(extra["pseudo"]["input_ids"]),
+                          "instructions": len(extra["instructions"]["input_ids"])}
         result["moincl"] = {**summary(step_times(trainer_step(trainer, prepared, batch), self.device, self.scale)),
                             "peak_memory_gib": self.memory.part()}
         result["step_ratio"] = result["moincl"]["median_s"] / result["finetune"]["median_s"]

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from micl.config import load_recipe
 from micl.methods import ContinualMethod
 from micl.training.loop import ContinualRun
+from micl.methods.moincl import per_step
 from micl.training.trainer import model_inputs
 from micl.utils.distributed import gathered, has_master_copy, is_main_process
 
@@ -94,10 +95,11 @@ class Probe(ContinualMethod):
         record["batches"].append([int(i) for i in batch["sample_index"]])
         record["label_counts"].append([int(n) for n in (batch["labels"] != -100).sum(-1)])
         record.setdefault("extra_inputs", []).append(sorted(k for k in ("moincl", "replay") if k in batch))
-        extra = batch.get("moincl")
-        record.setdefault("pseudo_rows", []).append(0 if extra is None else int(extra["pseudo_mask"].any(-1).sum()))
-        record.setdefault("instruction_rows", []).append(
-            0 if extra is None else int(extra["instruction_mask"].any(-1).sum()))
+        extra = batch.get("moincl") or {}
+        pseudo, instructions = extra.get("pseudo"), extra.get("instructions")
+        record.setdefault("pseudo_rows", []).append(
+            0 if pseudo is None else int((pseudo["labels"] != -100).any(-1).sum()))
+        record.setdefault("instruction_rows", []).append(0 if instructions is None else len(instructions["input_ids"]))
         return batch
 
     def on_task_end(self, ctx):
@@ -156,7 +158,7 @@ class TeacherProbe(ContinualMethod):
 
             with gathered([new]):
                 master = safe_get_full_fp32_param(new)
-        alpha = self.moincl.args.alpha[min(ctx.step - 1, len(self.moincl.args.alpha) - 1)]
+        alpha = per_step(self.moincl.args.alpha, ctx.step)
         expected = alpha * before_new + (1 - alpha) * before_old
         self.report["interpolation"].append({
             "step": ctx.step, "epoch": ctx.epoch, "param": name, "shape": list(after.shape),

@@ -405,6 +405,39 @@ def test_mutual_information_loss_comes_with_the_main_forward_not_the_last_one(ti
     assert all(torch.equal(a, b) for a, b in zip(again[1:], expected[1:]))
 
 
+def test_the_teacher_fuses_as_the_previous_model_did(tiny_models):
+    """A teacher method with adaptive fusion (LwF, MoInCL): its modulator is a frozen copy without the parts
+    of the task the step trains for the first time (its expert, router and gate), and it does not move with
+    the student's modulator."""
+    from micl.methods.teacher import PreviousModelTeacher
+
+    model, builder = build(tiny_models)
+    fusion = AdaptiveFusion(64, threshold=0.8, tasks=["synth_image_qa", "synth_video_qa"],
+                            fusion_tasks=["synth_video_qa"], finished_tasks=["synth_image_qa", "synth_video_qa"])
+    with torch.no_grad():
+        for param in fusion.parameters():
+            param.normal_(0, 0.2)
+    model.set_media_modulator(fusion)
+    _, batch = two_media_batch(model, builder, tasks=("synth_video_qa", "synth_image_qa", "synth_av_caption",
+                                                      "text"))
+    inputs = model_inputs(batch)
+    with torch.no_grad():
+        previous = model(**inputs).logits
+        fusion.add_task("synth_av_caption")  # the new task's step starts (adaptive fusion's on_task_start)
+        fusion.add_fusion_task("synth_av_caption")
+        for param in fusion.task_parameters("synth_av_caption"):
+            param.normal_(0, 0.5)
+        assert not torch.allclose(model(**inputs).logits, previous, atol=1e-4)
+    teacher = PreviousModelTeacher(model)
+    torch.testing.assert_close(teacher.logits(batch), previous)
+    with torch.no_grad():  # the student's modulator trains on
+        for param in fusion.parameters():
+            param.add_(0.3)
+    torch.testing.assert_close(teacher.logits(batch), previous)
+    assert model.media_modulator is fusion  # swapped back after each teacher forward
+    teacher.remove()
+
+
 def test_modulator_saved_and_reloaded_with_its_experts_and_gates(tiny_models, tmp_path):
     model, builder = build(tiny_models)
     fusion = AdaptiveFusion(64, threshold=-1.0, tasks=["synth_image_qa", "synth_av_caption"],

@@ -200,6 +200,10 @@ def test_second_adapter_as_a_teacher():
     assert trainable and all(".default" in n for n in trainable)
     model.delete_adapter("teacher")
     assert "teacher" not in model.peft_config
+    for _, layer in gated_lora_layers(model, "default"):  # every per-adapter setting goes with the teacher
+        assert all("teacher" not in getattr(layer, name) for name in (*layer.adapter_layer_names,
+                                                                       *layer.other_param_names))
+        assert "teacher" not in layer.gate_logit_init
 
 
 def test_save_and_load_in_a_fresh_process(tmp_path):

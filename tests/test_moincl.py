@@ -101,11 +101,25 @@ def test_bad_settings_are_clear_errors(tiny_models, synth_root, tmp_path, capsys
 def test_args_validation_without_a_run():
     with pytest.raises(ConfigError, match="alpha"):
         MoInCL(MoInCLArgs(alpha=[-0.1]))
+    with pytest.raises(ConfigError, match="alpha"):
+        MoInCL(MoInCLArgs(alpha=[]))
 
 
-def test_one_batched_pass_equals_separate_forwards_of_the_pseudo_rows_and_instructions(tiny_models):
-    """MoInCL's pseudo-target rows and instructions go through the student (and the teacher) in one forward
-    that keeps only the logits it needs; its losses equal those of separate full-logit forwards."""
+def test_alpha_is_one_value_or_one_per_step():
+    from micl.config import load_recipe
+    from micl.methods import build_methods
+    from micl.methods.moincl import per_step
+
+    for value, expected in (("0.5", [0.5, 0.5, 0.5]), ("[0.9,0.25]", [0.9, 0.25, 0.25])):
+        config = load_recipe(REPO / "recipes" / "moincl.yaml", [f"method_args.moincl.alpha={value}"])
+        moincl = next(m for m in build_methods(config) if m.name == "moincl")
+        assert [per_step(moincl.args.alpha, step) for step in (1, 2, 3)] == expected
+
+
+def test_batched_passes_equal_separate_forwards_of_the_pseudo_rows_and_instructions(tiny_models):
+    """MoInCL's pseudo-target rows, and apart from them its instructions (padded to their own length), go
+    through the student (and the teacher) in one forward each that keeps only the logits it needs; the losses
+    equal those of separate full-logit forwards of every row."""
     import torch
     import torch.nn.functional as F
 
@@ -116,7 +130,6 @@ def test_one_batched_pass_equals_separate_forwards_of_the_pseudo_rows_and_instru
     from micl.methods.base import StepContext
     from micl.methods.distill import target_prediction_mask
     from micl.methods.teacher import PreviousModelTeacher
-    from micl.modeling.multimodal import model_inputs
     from test_modeling import build
 
     model, builder = build(tiny_models)
@@ -140,37 +153,40 @@ def test_one_batched_pass_equals_separate_forwards_of_the_pseudo_rows_and_instru
             if "lora_B" in name and ".teacher." not in name:
                 p.add_(0.05)
     batch = moincl.augment_batch(collate([dataset[i] for i in range(4)]), ctx)
-    extra = batch["moincl"]
-    assert 0 < extra["logits_to_keep"] < extra["input_ids"].shape[1]  # long media prompts: not all logits
-    losses = list(moincl.auxiliary_losses(model, batch, ctx))[0]
+    pseudo, instructions_batch = batch["moincl"]["pseudo"], batch["moincl"]["instructions"]
+    assert 0 < pseudo["logits_to_keep"] < pseudo["input_ids"].shape[1]  # long media prompts: not all logits
+    assert pseudo["input_ids"].shape[0] == 2 and instructions_batch["input_ids"].shape[0] == 3
+    assert instructions_batch["input_ids"].shape[1] < pseudo["input_ids"].shape[1]  # not padded to the media rows
+    losses = [loss for item in moincl.auxiliary_losses(model, batch, ctx)
+              for loss in (item if isinstance(item, list) else [item])]
     # the pseudo rows' CE is normalised with the batch's targets (one cross-entropy), the KLs by their own
     assert [loss.items for loss in losses] == ["labels", "moincl.pseudo", "moincl.instructions"]
     pseudo_ce, pseudo_kd, instructions = (float(loss.value.detach()) for loss in losses)
 
-    T, rows = moincl.args.temperature, extra["pseudo_mask"].any(-1)
+    T = moincl.args.temperature
     expected_ce = expected_kd = expected_instructions = 0.0
-    for row in range(extra["input_ids"].shape[0]):
-        keep = extra["attention_mask"][row].bool()  # the row alone, unpadded, all logits
-        single = {"input_ids": extra["input_ids"][row:row + 1, keep],
-                  "attention_mask": extra["attention_mask"][row:row + 1, keep],
-                  "media_mask": extra["media_mask"][row:row + 1, keep]}
-        if rows[row]:
-            single["media_features"] = {"image": extra["media_features"]["image"][[int(rows[:row + 1].sum()) - 1]]}
-            single["media_rows"] = {"image": torch.tensor([0])}
-        labels = extra["labels"][row:row + 1, keep]
-        student = model(**single, logits_to_keep=0).logits[0]
-        teacher = moincl.teacher.logits({**single, "logits_to_keep": 0})[0]
-        kl = T**2 * F.kl_div(F.log_softmax(student / T, -1), F.log_softmax(teacher / T, -1), log_target=True,
-                             reduction="none").sum(-1)
-        if rows[row]:
-            mask = target_prediction_mask(labels)[0]
-            ce = F.cross_entropy(student[:-1], labels[0, 1:], ignore_index=-100, reduction="sum")
-            expected_ce += float(ce)
-            expected_kd += float(moincl.args.lambda_kl * kl[mask].sum())
-        else:
-            expected_instructions += float(moincl.args.instruction_weight * kl.sum())
+    for extra, is_pseudo in ((pseudo, True), (instructions_batch, False)):
+        for row in range(extra["input_ids"].shape[0]):
+            keep = extra["attention_mask"][row].bool()  # the row alone, unpadded, all logits
+            single = {"input_ids": extra["input_ids"][row:row + 1, keep],
+                      "attention_mask": extra["attention_mask"][row:row + 1, keep],
+                      "media_mask": extra["media_mask"][row:row + 1, keep]}
+            if is_pseudo:
+                single["media_features"] = {"image": extra["media_features"]["image"][[row]]}
+                single["media_rows"] = {"image": torch.tensor([0])}
+            labels = extra["labels"][row:row + 1, keep]
+            student = model(**single, logits_to_keep=0).logits[0]
+            teacher = moincl.teacher.logits({**single, "logits_to_keep": 0})[0]
+            kl = T**2 * F.kl_div(F.log_softmax(student / T, -1), F.log_softmax(teacher / T, -1), log_target=True,
+                                 reduction="none").sum(-1)
+            if is_pseudo:
+                mask = target_prediction_mask(labels)[0]
+                ce = F.cross_entropy(student[:-1], labels[0, 1:], ignore_index=-100, reduction="sum")
+                expected_ce += float(ce)
+                expected_kd += float(moincl.args.lambda_kl * kl[mask].sum())
+            else:
+                expected_instructions += float(moincl.args.instruction_weight * kl.sum())
     assert pseudo_ce == pytest.approx(expected_ce, rel=1e-4)
     assert pseudo_kd == pytest.approx(expected_kd, rel=1e-4) and expected_kd > 1e-3
     assert instructions == pytest.approx(expected_instructions, rel=1e-4) and expected_instructions > 1e-3
-    assert int(rows.sum()) == 2 and extra["input_ids"].shape[0] == 5
     moincl.teacher.remove()

@@ -53,13 +53,13 @@ def test_pseudo_rows_are_a_share_of_one_cross_entropy_over_all_target_tokens(tin
     model, dataset, collate, ctx, moincl = setting(tiny_models, pseudo_num=2, instruction_k=0)
     with_teacher(moincl, model, [("describe the image.", "a red circle on the left.")] * 4)
     batch = moincl.augment_batch(collate([dataset[i] for i in range(4)]), ctx)
-    assert "moincl" in batch, "pseudo batches switched off"
+    assert "pseudo" in batch.get("moincl", {}), "pseudo batches switched off"
     main_targets = int(target_tokens(batch["labels"]))
-    pseudo_targets = int(target_tokens(batch["moincl"]["labels"]))
+    pseudo_targets = int(target_tokens(batch["moincl"]["pseudo"]["labels"]))
     assert pseudo_targets > 0
     scale = GlobalBatchScale.of_window([batch], [moincl], "cpu", 1)
     main = model(**model_inputs(batch))
-    ce, kd, instructions = next(iter(moincl.auxiliary_losses(model, batch, ctx)))
+    ce, kd = next(iter(moincl.auxiliary_losses(model, batch, ctx)))
     loss = scale.resolve(TokenSum(main.loss_sum)) + scale.resolve(ce)
     # one mean over the batch's and the pseudo rows' target tokens: each pseudo row weighs as its targets
     expected = (main.loss_sum + ce.value) / (main_targets + pseudo_targets)
@@ -81,18 +81,19 @@ def test_instruction_distillation_pulls_the_student_towards_the_teacher_on_text_
     model, dataset, collate, ctx, moincl = setting(tiny_models, pseudo_num=0, instruction_k=3)
     with_teacher(moincl, model, [])
     batch = moincl.augment_batch(collate([dataset[i] for i in range(4)]), ctx)
-    assert "moincl" in batch, "instruction distillation switched off"
-    extra = batch["moincl"]
+    assert "instructions" in batch.get("moincl", {}), "instruction distillation switched off"
+    assert "pseudo" not in batch["moincl"]
+    extra = batch["moincl"]["instructions"]
     assert extra["input_ids"].shape[0] == 3 and not extra.get("media_features")  # text only
     grads = lora_gradients(model, moincl, batch, ctx)
     assert grads and sum(float(g.abs().sum()) for g in grads.values()) > 0
     # a small step along the gradient lowers the KL to the teacher
-    before = float(next(iter(moincl.auxiliary_losses(model, batch, ctx)))[2].value)
+    before = float(next(iter(moincl.auxiliary_losses(model, batch, ctx))).value)
     with torch.no_grad():
         params = dict(model.named_parameters())
         for name, grad in grads.items():
             params[name].sub_(1e-2 * grad / max(float(g.abs().max()) for g in grads.values()))
-    after = float(next(iter(moincl.auxiliary_losses(model, batch, ctx)))[2].value)
+    after = float(next(iter(moincl.auxiliary_losses(model, batch, ctx))).value)
     assert after < before
     moincl.teacher.remove()
 

@@ -3,9 +3,13 @@ import torch
 import torch.nn.functional as F
 
 from micl.data.collator import MultimodalCollator
-from micl.methods.distill import kd_loss, target_prediction_mask
+from micl.methods.distill import kd_loss_sum, target_kd_loss_sum, target_prediction_mask
 from micl.methods.teacher import PreviousModelTeacher
 from test_modeling import build, example
+
+
+def kd_loss(student, teacher, mask, T):
+    return kd_loss_sum(student, teacher, mask, T) / mask.sum()
 
 
 def test_kd_loss_equals_hand_computed_kl_with_temperature_and_mask():
@@ -32,6 +36,9 @@ def test_kd_loss_equals_hand_computed_kl_with_temperature_and_mask():
 def test_target_prediction_mask_shifts_labels():
     labels = torch.tensor([[-100, -100, 7, 8], [-100, 5, 6, -100]])
     assert target_prediction_mask(labels).tolist() == [[False, True, True, False], [True, True, False, False]]
+    student, teacher = torch.randn(2, 4, 5), torch.randn(2, 4, 5)
+    assert torch.equal(target_kd_loss_sum(student, teacher, labels, 2.0),
+                       kd_loss_sum(student, teacher, target_prediction_mask(labels), 2.0))
 
 
 def test_teacher_is_the_previous_model_and_stays_frozen(tiny_models):
@@ -103,8 +110,9 @@ def test_lwf_distils_the_previous_model_on_current_inputs(tiny_models):
     assert not any("teacher" in n for n, _ in model.named_parameters())
 
 
-@pytest.mark.parametrize("tuner", ["lora", "gated_lora", "moe_lora"])
-def test_teacher_equals_the_previous_model_for_every_tuner(tiny_models, tuner):
+@pytest.mark.parametrize("tuner, options", [("lora", {}), ("gated_lora", {}), ("moe_lora", {}),
+                                            ("moe_lora", {"routing": "sample"})])
+def test_teacher_equals_the_previous_model_for_every_tuner(tiny_models, tuner, options):
     """The teacher copies every weight of the student's adapter, whatever the tuner names them (gated LoRA
     keys its gates by adapter name at the end of the parameter name)."""
     from micl.adapters import build_peft_config
@@ -115,7 +123,7 @@ def test_teacher_equals_the_previous_model_for_every_tuner(tiny_models, tuner):
 
     torch.manual_seed(0)
     llm, tokenizer = load_llm(tiny_models["llm"])
-    model = MultimodalLM.with_adapter(llm, tokenizer, {"image": 12}, build_peft_config(LoraArgs(type=tuner, dropout=0.0)))
+    model = MultimodalLM.with_adapter(llm, tokenizer, {"image": 12}, build_peft_config(LoraArgs(type=tuner, dropout=0.0, **options)))
     with torch.no_grad():  # a trained adapter, not the initial one (LoRA B and gates start at zero)
         for param in model.parameters():
             if param.requires_grad:

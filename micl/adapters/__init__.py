@@ -26,9 +26,10 @@ def build_peft_config(lora_args) -> PeftConfig:
     if lora_args.type == "gated_lora":
         from .gated_lora import GatedLoraConfig
 
-        if not 0.0 < lora_args.gate_init < 2.0:
-            raise ConfigError(f"lora.gate_init must be in (0, 2) (omega = 2 * sigmoid(gate)), got {lora_args.gate_init!r}")
-        return GatedLoraConfig(**common, gate_init=lora_args.gate_init)
+        try:
+            return GatedLoraConfig(**common, gate_init=lora_args.gate_init)
+        except ValueError as err:  # the config checks its values (gate_init in (0, gate_max), ...)
+            raise ConfigError(f"lora: {err}") from err
     if lora_args.type == "moe_lora":
         from .moe_lora import MoeLoraConfig
 

@@ -173,6 +173,7 @@ class AdaptiveFusionMethod(ContinualMethod):
         fusion = self._fusion(model)
         for param in fusion.task_parameters(ctx.task.name):
             param.requires_grad_(False)
+        fusion.finish_task(ctx.task.name)
         from ..utils.distributed import gathered, is_main_process
 
         embedding = model.llm.get_input_embeddings()
@@ -273,4 +274,4 @@ class AdaptiveFusionMethod(ContinualMethod):
         return {"previous_embeddings": self.previous_embeddings}
 
     def load_state_dict(self, state: dict) -> None:
-        self.previous_embeddings = state.get("previous_embeddings")
+        self.previous_embeddings = (state or {}).get("previous_embeddings")

@@ -50,6 +50,8 @@ rank, so that a step killed midway resumes with it. Hooks compose: a recipe may 
 
 from __future__ import annotations
 
+import random
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +84,17 @@ def draw_key(batch: dict, fallback: str) -> str:
     however the global batch is split, and after a resume), else `fallback` (e.g. a call counter)."""
     indices = batch_indices(batch)
     return ",".join(map(str, indices)) if indices is not None else fallback
+
+
+def step_rng(method: str, ctx: "StepContext") -> random.Random:
+    """The generator of a method's once-per-step draw (a memory's reservoir, pseudo targets)."""
+    return random.Random(f"{method}:{ctx.seed}:{ctx.step}")
+
+
+def batch_rng(method: str, ctx: "StepContext", key: str) -> random.Random:
+    """The generator of a method's per-batch draw, seeded by the step, the epoch and the batch's `draw_key`:
+    the same micro-batch draws the same after a resume and however the global batch is split."""
+    return random.Random(f"{method}:{ctx.seed}:{ctx.step}:{ctx.epoch}:{key}")
 
 
 def unwrap_model(model):
@@ -150,7 +163,8 @@ class ContinualMethod:
         return ()
 
     def extra_loss(self, model, batch: dict, outputs, ctx: StepContext):
-        """A loss tensor added to the cross-entropy, or None."""
+        """What is added to the main cross-entropy: None, a loss tensor (a per-batch regulariser, averaged over
+        the micro-batches), a TokenSum (normalised by its items in the global batch), or a list of these."""
         return None
 
     def before_optimizer_step(self, model, batches: list[dict], ctx: StepContext) -> None:

@@ -28,10 +28,10 @@ def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask
     return (per_position * mask.to(per_position.dtype)).sum()
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-            temperature: float) -> torch.Tensor:
-    """The same, as a mean over the masked positions."""
-    return kd_loss_sum(student_logits, teacher_logits, mask, temperature) / mask.sum().clamp(min=1)
+def target_kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                       temperature: float) -> torch.Tensor:
+    """kd_loss_sum over the positions that predict a target token of `labels` (LwF, the MoE adapters' memory)."""
+    return kd_loss_sum(student_logits, teacher_logits, target_prediction_mask(labels), temperature)
 
 
 def target_prediction_mask(labels: torch.Tensor) -> torch.Tensor:

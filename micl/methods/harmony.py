@@ -38,7 +38,6 @@ per-modality projectors); every choice the paper leaves open is listed, with its
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +47,7 @@ from torch.nn import functional as F
 from ..data.prompts import render_instruction
 from ..data.schema import STREAMS
 from ..errors import ConfigError, MiclError
-from .base import ContinualMethod, StepContext, TokenSum, draw_key, unwrap_model
+from .base import ContinualMethod, StepContext, TokenSum, batch_rng, draw_key, unwrap_model
 from .distill import kd_loss_sum, target_prediction_mask
 from .registry import register
 from .teacher import PreviousModelTeacher
@@ -400,7 +399,7 @@ class Harmony(ContinualMethod):
         global batch is split. The banks take turns (balanced), clusters are drawn by their sizes."""
         if self.teacher is None:
             return batch
-        rng = random.Random(f"{ctx.seed}:{ctx.step}:{ctx.epoch}:{draw_key(batch, '')}:harmony")
+        rng = batch_rng("harmony", ctx, draw_key(batch, ""))
         dataset = ctx.train_dataset
         media = batch.get("media_features") or {}
         sources = [(m, k) for m in sorted(media) for k in range(len(media[m]))]
@@ -472,10 +471,9 @@ class Harmony(ContinualMethod):
             return
         a = self.args
         inputs = self.proxy_inputs(ctx, batch)
-        with torch.no_grad(), self.teacher.active() as teacher_model:
-            teacher = teacher_model(**inputs, output_hidden_states=True)
+        teacher = self.teacher.outputs(inputs, output_hidden_states=True)
         student = model(**inputs, output_hidden_states=True)
-        kl = kd_loss_sum(student.logits, teacher.logits.detach(), extra["kd_mask"], a.kl_temperature)
+        kl = kd_loss_sum(student.logits, teacher.logits, extra["kd_mask"], a.kl_temperature)
         mask = extra["attention_mask"]
         terms = alignment_terms(pooled_hidden(student.hidden_states, mask), pooled_hidden(teacher.hidden_states, mask),
                                 a.temperature)

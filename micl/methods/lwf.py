@@ -7,10 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from ..modeling.multimodal import model_inputs
 from .base import ContinualMethod, StepContext, TokenSum
 from .registry import register
-from .distill import kd_loss_sum, target_prediction_mask
+from .distill import target_kd_loss_sum
 from .teacher import PreviousModelTeacher
 
 
@@ -46,6 +45,6 @@ class LwF(ContinualMethod):
         reads the same inputs (and keeps the same logits) as the student's main forward."""
         if self.teacher is None:
             return None
-        teacher = self.teacher.logits(model_inputs(batch))
-        kd = kd_loss_sum(outputs.logits, teacher, target_prediction_mask(batch["labels"]), self.args.temperature)
+        teacher = self.teacher.logits(batch)
+        kd = target_kd_loss_sum(outputs.logits, teacher, batch["labels"], self.args.temperature)
         return TokenSum(self.args.alpha * kd, "labels")

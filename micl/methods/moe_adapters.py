@@ -21,7 +21,8 @@ Per training batch, the loss is CE plus
   normalised by the memory target tokens of the global batch (TokenSum "moe_adapters.memory"), and
   preserve_weight * sqrt(t - 1) * sum_i KL(P_old_i || P_new_i), t the task number from 1, P = row-softmax of
   the cosine similarities of the memory samples' joint representations / preserve_temperature (diagonal left
-  out), P_old from the teacher, P_new from the student. All three are exactly 0 on the first batch of a task.
+  out), P_old from the teacher, P_new from the student. The KL and the preservation term are exactly 0 on
+  the first batch of a task (student = teacher); the rehearsal CE is not.
 
 Memory: `memory_size` samples in total over the tasks learned so far, an equal share per task (reservoir
 sampling of each task's training indices, `Random("moe_adapters:<seed>:<step>")`; older tasks are trimmed to
@@ -43,7 +44,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,8 +54,8 @@ from ..errors import ConfigError
 from ..modeling.multimodal import model_inputs, move_to
 from ..modeling.prompting import IGNORE_INDEX, target_tokens
 from ..utils.io import atomic_write_json
-from .base import ContinualMethod, StepContext, TokenSum, draw_key, unwrap_model
-from .distill import kd_loss_sum, target_prediction_mask
+from .base import ContinualMethod, StepContext, TokenSum, batch_rng, draw_key, step_rng, unwrap_model
+from .distill import target_kd_loss_sum
 from .registry import register
 from .replay import reservoir_sample, stratified_draw, training_items
 from .teacher import PreviousModelTeacher
@@ -358,7 +358,7 @@ class MoeAdapters(ContinualMethod):
         tasks = [t for t, _ in self.memory if t != name]
         order = list(dict.fromkeys(tasks)) + [name]
         share = max(self.args.memory_size // len(order), 1)
-        rng = random.Random(f"moe_adapters:{ctx.seed}:{ctx.step}")
+        rng = step_rng("moe_adapters", ctx)
         new = [(name, i) for i in reservoir_sample(len(ctx.train_dataset), share, rng)]
         kept = []
         for task in order[:-1]:
@@ -370,8 +370,7 @@ class MoeAdapters(ContinualMethod):
         buffers: dict[str, list[int]] = {}
         for task, index in self.memory:
             buffers.setdefault(task, []).append(index)
-        rng = random.Random(f"moe_adapters:{ctx.seed}:{ctx.step}:{ctx.epoch}:{key}")
-        return stratified_draw(buffers, self.args.memory_batch_size, rng)
+        return stratified_draw(buffers, self.args.memory_batch_size, batch_rng("moe_adapters", ctx, key))
 
     # ---- per batch -----------------------------------------------------------------------------------
     def augment_batch(self, batch: dict, ctx: StepContext) -> dict:
@@ -396,8 +395,7 @@ class MoeAdapters(ContinualMethod):
         inputs = move_to(model_inputs(memory), batch["input_ids"].device)
         old = None
         if self.teacher is not None:
-            with torch.no_grad(), self.teacher.active() as teacher:
-                old = teacher(**{k: v for k, v in inputs.items() if k != "labels"}, output_hidden_states=True)
+            old = self.teacher.outputs(inputs, output_hidden_states=True)
         was_training = model.training
         model.eval()  # no dropout (the teacher has none), and not counted in this task's expert statistics
         try:
@@ -407,7 +405,7 @@ class MoeAdapters(ContinualMethod):
         labels = inputs["labels"]
         memory_sum = a.rehearsal_weight * new.loss_sum
         if old is not None and a.distill_weight:
-            kd = kd_loss_sum(new.logits, old.logits, target_prediction_mask(labels), a.distill_temperature)
+            kd = target_kd_loss_sum(new.logits, old.logits, labels, a.distill_temperature)
             memory_sum = memory_sum + a.distill_weight * kd
         losses = [TokenSum(memory_sum, MEMORY_ITEMS)]
         if old is not None and a.preserve_weight and labels.shape[0] >= 2:

@@ -18,7 +18,6 @@ repeats), as the reference's run scripts set them per step.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from ..data.instructions import load_instructions
 from ..data.prompts import render_instruction
 from ..errors import ConfigError
 from ..modeling.multimodal import model_inputs
-from .base import ContinualMethod, StepContext, TokenSum, batch_indices, draw_key
+from .base import ContinualMethod, StepContext, TokenSum, batch_indices, batch_rng, draw_key, step_rng
 from .registry import register
 from .distill import kd_per_position, target_prediction_mask
 from .pseudo_targets import (caption_pseudo_targets, external_pairs, load_external_pseudo_qa, load_pseudo_qa_rules,
@@ -75,8 +74,8 @@ class MoInCLArgs:
     instruction_weight: float = 1.0
     instructions: str | None = field(default=None, metadata={"help": "JSONL file; null = prompts/instructions.jsonl"})
     pseudo_qa_rules: str | None = field(default=None, metadata={"help": "YAML; null = prompts/pseudo_qa.yaml"})
-    alpha: list[float] = field(default_factory=lambda: [0.8],
-                               metadata={"help": "interpolation weight of the new LoRA per step (last repeats)"})
+    alpha: list[float] | float = field(default=0.8, metadata={
+        "help": "interpolation weight of the new LoRA, one value or one per step from step 1"})
     caption_max_new_tokens: int | None = field(default=None, metadata={
         "help": "new tokens of a pseudo caption (reference: 30); null: eval.max_new_tokens. Beams and "
                 "repetition penalty are the evaluation's (eval.num_beams, eval.repetition_penalty)"})
@@ -93,9 +92,9 @@ class MoInCL(ContinualMethod):
         super().__init__(args or MoInCLArgs())
         a = self.args
         key = "method_args.moincl"
-        if any(not 0.0 <= x <= 1.0 for x in a.alpha) or not a.alpha:
-            raise ConfigError(f"{key}.alpha must be a non-empty list of numbers in [0, 1], got {a.alpha}")
-        for name in ("pseudo_num", "lambda_kl", "pseudo"):
+        if any(not 0.0 <= x <= 1.0 for x in as_list(a.alpha)):
+            raise ConfigError(f"{key}.alpha must be a number in [0, 1] or a list of them, got {a.alpha}")
+        for name in ("alpha", "pseudo_num", "lambda_kl", "pseudo"):
             if getattr(a, name) == []:
                 raise ConfigError(f"{key}.{name} must be a value or a non-empty list (one per step from step 1)")
         if any(n < 0 for n in as_list(a.pseudo_num)) or a.instruction_k < 0:
@@ -139,7 +138,7 @@ class MoInCL(ContinualMethod):
 
     def _make_pseudo(self, ctx: StepContext, other: str) -> list[tuple[str, str] | None]:
         dataset = ctx.train_dataset
-        rng = random.Random(f"{ctx.seed}:{ctx.step}:pseudo")
+        rng = step_rng("moincl", ctx)
         if other == "caption":
             cache = Path(ctx.run_dir) / "pseudo_targets" / f"step_{ctx.step}_{ctx.task.name}.json"
             decoding = dict(ctx.decoding)
@@ -173,79 +172,86 @@ class MoInCL(ContinualMethod):
 
     # ---- per batch -----------------------------------------------------------------------------------
     def augment_batch(self, batch: dict, ctx: StepContext) -> dict:
-        """Adds `moincl`: one batch of the pseudo-target duplicates and the text-only instructions, so that
-        the student and the teacher each see all of them in one forward. The draws are seeded by the batch's
-        samples (not a call counter): the same micro-batch gets the same rows however the global batch is
-        split over processes and accumulation steps, and after a resume."""
+        """Adds `moincl`: {"pseudo": a batch of the pseudo-target duplicates, "instructions": a batch of the
+        text-only instructions} (either may be absent). Each goes through the teacher and the student in one
+        forward of its own: padded apart, the short instructions do not take the long media rows' length. The
+        draws are seeded by the batch's samples (not a call counter): the same micro-batch gets the same rows
+        however the global batch is split over processes and accumulation steps, and after a resume."""
         if self.teacher is None:
             return batch
         indices = batch_indices(batch) or []
-        rng = random.Random(f"{ctx.seed}:{ctx.step}:{ctx.epoch}:{draw_key(batch, '')}")
+        rng = batch_rng("moincl", ctx, draw_key(batch, ""))
         dataset = ctx.train_dataset
-        items = []
+        pseudo = []
         candidates = [i for i in indices if self.pseudo and self.pseudo[i] is not None]
         for index in rng.sample(candidates, min(self.pseudo_num, len(candidates))):
             instruction, target = self.pseudo[index]
-            items.append(dataset.encode_item(index, instruction, target))
+            pseudo.append(dataset.encode_item(index, instruction, target))
         if not candidates and self.pseudo and indices and ctx.uniform_forwards:
             # another rank may have pseudo rows: the same forwards here, with a row that carries no target
-            items.append(dataset.encode_item(indices[0], "", None))
-        pseudo_rows = len(items)
+            pseudo.append(dataset.encode_item(indices[0], "", None))
+        instructions = []
         if self.instructions and self.args.instruction_k:
             for text in rng.sample(self.instructions, min(self.args.instruction_k, len(self.instructions))):
                 encoded = dataset.builder.encode(text, {})
-                items.append({"input_ids": encoded.input_ids, "labels": encoded.labels,
-                              "media_mask": encoded.media_mask, "media": {}})
-        if not items:
-            return batch
-        extra = ctx.collate_fn(items)
-        instruction_mask = extra["attention_mask"].bool()
-        instruction_mask[:pseudo_rows] = False
-        extra["pseudo_mask"] = target_prediction_mask(extra["labels"])
-        extra["instruction_mask"] = instruction_mask
-        # logits where something is learned: the pseudo targets (the collator's window) and the instructions'
-        # tokens, which are the last positions of their left-padded rows
-        instruction_tokens = max((len(item["input_ids"]) for item in items[pseudo_rows:]), default=0)
-        if instruction_tokens:
-            extra["logits_to_keep"] = max(extra["logits_to_keep"], instruction_tokens)
-        # the distilled positions as (row, column) indices, worked out here on the host: the loss gathers
-        # their logits without reading a mask back from the device
-        length, positions = extra["input_ids"].shape[1], []
+                instructions.append({"input_ids": encoded.input_ids, "labels": encoded.labels,
+                                     "media_mask": encoded.media_mask, "media": {}})
+        extra = {}
+        if pseudo:
+            extra["pseudo"] = self._distilled(ctx.collate_fn(pseudo), pseudo, targets_only=True)
+        if instructions:
+            extra["instructions"] = self._distilled(ctx.collate_fn(instructions), instructions, targets_only=False)
+        return {**batch, "moincl": extra} if extra else batch
+
+    @staticmethod
+    def _distilled(rows: dict, items: list[dict], targets_only: bool) -> dict:
+        """The distilled positions of a collated batch as (row, column) indices, worked out here on the host
+        (the loss gathers their logits without reading a mask back from the device): the positions that
+        predict a target token, or (instructions) every real token; the logits kept are those positions'
+        (the collator's target window, or the longest row: they are the last ones of left-padded rows)."""
+        length, positions = rows["input_ids"].shape[1], []
         for row, item in enumerate(items):
             start = length - len(item["input_ids"])  # left padding
-            if row < pseudo_rows:  # the logit at j predicts token j + 1
-                positions += [(row, start + j, True) for j, label in enumerate(item["labels"][1:]) if label != -100]
+            if targets_only:  # the logit at j predicts token j + 1
+                positions += [(row, start + j) for j, label in enumerate(item["labels"][1:]) if label != -100]
             else:
-                positions += [(row, start + j, False) for j in range(len(item["input_ids"]))]
-        extra["kd_rows"] = torch.tensor([p[0] for p in positions], dtype=torch.long)
-        extra["kd_columns"] = torch.tensor([p[1] for p in positions], dtype=torch.long)
-        extra["kd_is_pseudo"] = torch.tensor([p[2] for p in positions], dtype=torch.bool)
-        return {**batch, "moincl": extra}
+                positions += [(row, start + j) for j in range(len(item["input_ids"]))]
+        if not targets_only:
+            rows["logits_to_keep"] = max(len(item["input_ids"]) for item in items)
+        elif not positions:  # only the row that keeps the forwards uniform across ranks: one logit
+            rows["logits_to_keep"] = 1
+        rows["kd_rows"] = torch.tensor([r for r, _ in positions], dtype=torch.long)
+        rows["kd_columns"] = torch.tensor([c for _, c in positions], dtype=torch.long)
+        return rows
 
     def count_loss_items(self, batch: dict) -> dict:
-        extra = batch.get("moincl")
-        if extra is None:
-            return {}
-        pseudo_targets = extra["pseudo_mask"].sum()
-        # the pseudo rows' targets count with the batch's (one cross-entropy over all of them)
-        return {"labels": pseudo_targets, "moincl.pseudo": pseudo_targets,
-                "moincl.instructions": extra["instruction_mask"].sum()}
+        extra = batch.get("moincl") or {}
+        counts = {}
+        if "pseudo" in extra:
+            pseudo_targets = target_prediction_mask(extra["pseudo"]["labels"]).sum()
+            # the pseudo rows' targets count with the batch's (one cross-entropy over all of them)
+            counts.update({"labels": pseudo_targets, "moincl.pseudo": pseudo_targets})
+        if "instructions" in extra:
+            counts["moincl.instructions"] = extra["instructions"]["attention_mask"].sum()
+        return counts
 
     def auxiliary_losses(self, model, batch: dict, ctx: StepContext):
-        """The pseudo-target duplicates' CE (a share of the batch's cross-entropy), lambda_kl * KD on them and
-        KD on the instructions, from one teacher and one student forward over all of them (the teacher's
-        logits are computed just before the student's)."""
-        extra = batch.get("moincl")
-        if extra is None:
-            return
-        T = self.args.temperature
-        inputs = model_inputs(extra)
+        """The pseudo-target duplicates' CE (a share of the batch's cross-entropy) and lambda_kl * KD on them,
+        then KD on the instructions: each from one teacher and one student forward (the teacher's logits are
+        computed just before the student's)."""
+        extra = batch.get("moincl") or {}
+        if "pseudo" in extra:
+            student, kd = self._distillation(model, extra["pseudo"])
+            yield [TokenSum(student.loss_sum, "labels"), TokenSum(self.lambda_kl * kd.sum(), "moincl.pseudo")]
+        if "instructions" in extra:
+            _, kd = self._distillation(model, extra["instructions"])
+            yield TokenSum(self.args.instruction_weight * kd.sum(), "moincl.instructions")
+
+    def _distillation(self, model, rows: dict):
+        """The student's forward on `rows` and T^2 * KL(teacher || student) at their distilled positions."""
+        inputs = model_inputs(rows)
         teacher = self.teacher.logits(inputs)
         student = model(**inputs)
-        rows, columns = extra["kd_rows"], extra["kd_columns"] - student.logits_offset
-        kd = kd_per_position(student.logits[rows, columns], teacher[rows, columns], T)  # [distilled positions]
-        is_pseudo = extra["kd_is_pseudo"].to(kd.dtype)
-        pseudo_kd = self.lambda_kl * (kd * is_pseudo).sum()
-        instructions = self.args.instruction_weight * (kd * (1 - is_pseudo)).sum()
-        yield [TokenSum(student.loss_sum, "labels"), TokenSum(pseudo_kd, "moincl.pseudo"),
-               TokenSum(instructions, "moincl.instructions")]
+        index, columns = rows["kd_rows"], rows["kd_columns"] - student.logits_offset
+        return student, kd_per_position(student.logits[index, columns], teacher[index, columns],
+                                        self.args.temperature)

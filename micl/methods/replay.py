@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError
 from ..modeling.multimodal import model_inputs
 from ..modeling.prompting import target_tokens
-from .base import ContinualMethod, StepContext, TokenSum, draw_key
+from .base import ContinualMethod, StepContext, TokenSum, batch_rng, draw_key, step_rng
 from .registry import register
 
 
@@ -114,14 +114,13 @@ class Replay(ContinualMethod):
         self._calls = 0
 
     def on_task_end(self, ctx: StepContext) -> None:
-        rng = random.Random(f"replay:{ctx.seed}:{ctx.step}")
+        rng = step_rng("replay", ctx)
         name = ctx.task.name
         self.buffers.pop(name, None)  # a task learned again moves to the end with a fresh buffer
         self.buffers[name] = reservoir_sample(len(ctx.train_dataset), self.args.buffer_size, rng)
 
     def draw(self, ctx: StepContext, key: str) -> list[tuple[str, int]]:
-        rng = random.Random(f"replay:{ctx.seed}:{ctx.step}:{ctx.epoch}:{key}")
-        return stratified_draw(self.buffers, self.args.replay_batch_size, rng)
+        return stratified_draw(self.buffers, self.args.replay_batch_size, batch_rng("replay", ctx, key))
 
     def replay_items(self, ctx: StepContext, draw: list[tuple[str, int]]) -> list[dict]:
         return training_items(ctx, draw, ctx.epoch)

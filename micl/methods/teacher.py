@@ -1,7 +1,7 @@
 """The previous step's model as a frozen teacher, without a second copy of the LLM.
 
 The teacher is a second PEFT adapter ("teacher") on the same base model, holding a copy of the current
-adapter's weights at the start of a step, plus a frozen copy of the projectors. A teacher forward switches
+adapter's weights at the start of a step, plus frozen copies of the projectors and of the media modulator. A teacher forward switches
 the active adapter and the projectors under no_grad and switches back; the reference implementation keeps
 a deep copy of the whole model instead (~2x memory).
 """
@@ -43,8 +43,26 @@ def _frozen_copy(projectors: torch.nn.ModuleDict) -> torch.nn.ModuleDict:
             for name, p in projectors.items()
         })
         clone.load_state_dict({k: v.detach().clone() for k, v in projectors.state_dict().items()})
-    dtype = next(iter(params)).dtype
-    return clone.to(dtype).requires_grad_(False)
+    like = next(iter(params))
+    return clone.to(device=like.device, dtype=like.dtype).requires_grad_(False)
+
+
+def _frozen_modulator(modulator: torch.nn.Module | None) -> torch.nn.Module | None:
+    """A frozen copy of the media modulator (adaptive fusion, Harmony's) as the previous model had it: rebuilt
+    from its settings (`previous_model_config` where it has one: without the parts of a task trained for the
+    first time) and its weights, gathered under ZeRO-3 as the projectors are."""
+    if modulator is None:
+        return None
+    config = getattr(modulator, "previous_model_config", modulator.modulator_config)()
+    params = list(modulator.parameters())
+    with torch.no_grad(), gathered(params):
+        clone = type(modulator)(**config)
+        state = modulator.state_dict()
+        clone.load_state_dict({key: state[key].detach().clone() for key in clone.state_dict()})
+    like = next(iter(params), None)
+    if like is not None:
+        clone.to(device=like.device, dtype=like.dtype)
+    return clone.requires_grad_(False)
 
 
 class PreviousModelTeacher:
@@ -76,6 +94,7 @@ class PreviousModelTeacher:
                 param.requires_grad_(False)
         peft_model.set_adapter(self.student_adapter)  # keeps the student trainable, the teacher frozen
         self.projectors = _frozen_copy(model.projectors)
+        self.media_modulator = _frozen_modulator(model.media_modulator)
 
     def teacher_parameters(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.model.llm.named_parameters() if TEACHER_ADAPTER in adapter_of(n)}
@@ -87,32 +106,28 @@ class PreviousModelTeacher:
     @contextmanager
     def active(self):
         model, peft_model = self.model, self.model.llm
-        student_projectors, was_training = model.projectors, model.training
+        student_parts, was_training = (model.projectors, model.media_modulator), model.training
         peft_model.set_adapter(TEACHER_ADAPTER, inference_mode=True)
-        model.projectors = self.projectors
+        model.projectors, model.media_modulator = self.projectors, self.media_modulator
         model.eval()
         try:
             yield model
         finally:
-            model.projectors = student_projectors
+            model.projectors, model.media_modulator = student_parts
             peft_model.set_adapter(self.student_adapter)
             model.train(was_training)
 
     @torch.no_grad()
-    def logits(self, batch: dict, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher logits of the positions the batch's `logits_to_keep` keeps (as the student's forward on
-        the same batch: [batch, kept, vocab]), or only the rows where `mask` is true ([n, vocab]). The
-        teacher computes no loss (its labels are not passed)."""
-        inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
-        if "logits_to_keep" not in inputs and "labels" in batch:
-            from ..modeling.multimodal import label_window_of
-
-            inputs["logits_to_keep"] = label_window_of(batch["labels"])
+    def outputs(self, batch: dict, **kwargs):
+        """The teacher's forward (MultimodalOutput) on the batch's model inputs, as the student's forward on
+        them: the labels go in too (a tuner may read them: moe_lora's sample routing pools the prompt; they
+        choose the kept logits), the small loss that comes with them is unused."""
         with self.active() as model:
-            logits = model(**inputs).logits.detach()
-        if mask is None:
-            return logits
-        return logits[mask[:, mask.shape[1] - logits.shape[1]:].bool()]
+            return model(**model_inputs(batch), **kwargs)
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        """Teacher logits at the positions the student's forward on the same batch keeps ([batch, kept, vocab])."""
+        return self.outputs(batch).logits
 
     @torch.no_grad()
     def generate(self, batch: dict, **kwargs) -> list[str]:

@@ -45,7 +45,7 @@ from torch import nn
 # MultimodalOutput.aux keys
 POOLED = "fusion_pooled"  # {first, second: [n, d] pooled adapted tokens, "fused": [n, d] pooled gated tokens}
 GATE_SPACE = "fusion_gate_space"  # (h_first, h_second [m, k], rows): the pooled media in the gate space
-DECISIONS = "fusion_decisions"  # the forward's decisions, detached (rows, tasks, r, weights, fuse, stronger, gate)
+DECISIONS = "fusion_decisions"  # the forward's decisions, detached: rows, tasks, r, weights, share, fuse, stronger
 
 FIXED_GATES = ("hard", "soft", "fuse")
 
@@ -154,7 +154,7 @@ class AdaptiveFusion(nn.Module):
     def __init__(self, dim: int, threshold: float = 0.8, tasks: list[str] | tuple = (),
                  fusion_tasks: list[str] | tuple = (), modalities: list[str] | tuple = ("video", "audio"),
                  gate: str = "hard", top_k: int = 2, bottleneck: int = 64, adapter_scale: float = 0.1,
-                 gate_dim: int = 64):
+                 gate_dim: int = 64, finished_tasks: list[str] | tuple = ()):
         super().__init__()
         if len(modalities) != 2 or modalities[0] == modalities[1]:
             raise ValueError(f"adaptive fusion needs two different modalities, got {modalities!r}")
@@ -166,6 +166,7 @@ class AdaptiveFusion(nn.Module):
         self.tasks: list[str] = []  # tasks with an expert, in the order they were added
         self.fusion_tasks: list[str] = []  # tasks with an audio-visual gate
         self.gates = nn.ModuleList()
+        self.finished_tasks: list[str] = list(finished_tasks)  # tasks whose step ended (the previous model's)
         for task in tasks:
             self.add_task(task)
         for task in fusion_tasks:
@@ -175,7 +176,21 @@ class AdaptiveFusion(nn.Module):
         e = self.extractor
         return {"dim": self.dim, "threshold": self.threshold, "tasks": list(self.tasks),
                 "fusion_tasks": list(self.fusion_tasks), "modalities": list(self.modalities), "gate": self.gate,
-                "top_k": e.top_k, "bottleneck": e.bottleneck, "adapter_scale": e.scale, "gate_dim": self.gate_dim}
+                "top_k": e.top_k, "bottleneck": e.bottleneck, "adapter_scale": e.scale, "gate_dim": self.gate_dim,
+                "finished_tasks": list(self.finished_tasks)}
+
+    def finish_task(self, task: str) -> None:
+        if task not in self.finished_tasks:
+            self.finished_tasks.append(task)
+
+    def previous_model_config(self) -> dict:
+        """The settings of this modulator as the model before the current step had it: without the expert,
+        router and gate of a task being trained for the first time (they are the last ones added, so the
+        other parts keep their places). A teacher (the previous model) is rebuilt from these."""
+        config = self.modulator_config()
+        config["tasks"] = [t for t in self.tasks if t in self.finished_tasks]
+        config["fusion_tasks"] = [t for t in self.fusion_tasks if t in self.finished_tasks]
+        return config
 
     # ---- per-task parts ------------------------------------------------------------------------------------
     def _placed(self, module: nn.Module) -> nn.Module:

@@ -31,7 +31,7 @@ def _is_conv1d(layer: nn.Module) -> bool:
 
 class GatedLoraLayer(BaseTunerLayer):
     adapter_layer_names = ("gated_lora_A", "gated_lora_B", "gated_lora_gate")
-    other_param_names = ("r", "lora_alpha", "scaling", "gate_max", "gated_lora_dropout")
+    other_param_names = ("r", "lora_alpha", "scaling", "gate_logit_init", "gate_max", "gated_lora_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
