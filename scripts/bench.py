@@ -350,7 +350,7 @@ def print_memory(results: dict) -> None:
               f"{r['store_mb']:.0f} | {r['old_features_mb']:.0f} |")
 
 
-def method_step_child(method_name: str, steps: int = 6) -> dict:
+def method_step_child(method_name: str, steps: int = 6, media_tokens: int = 9) -> dict:
     """One process per method (peak RSS is per process): training steps of a method on the same batch.
     MoInCL runs with its teacher adapter, 2 pseudo-target duplicates and 4 distilled instructions."""
     import resource
@@ -369,7 +369,7 @@ def method_step_child(method_name: str, steps: int = 6) -> dict:
     samples = [{"id": f"s{i}", "task": task.name, "modality": "image", "task_type": "qa", "media": "",
                 "instruction": "what color is the shape?", "target": "red", "references": ["red"]}
                for i in range(8)]
-    dataset = EncodedTaskDataset(samples, [{"image": torch.randn(9, 1280)} for _ in samples], builder, load_templates(),
+    dataset = EncodedTaskDataset(samples, [{"image": torch.randn(media_tokens, 1280)} for _ in samples], builder, load_templates(),
                                  train=True)
     collate = MultimodalCollator(model.tokenizer.pad_token_id)
     caption_task = get_task("synth_image_caption")
@@ -417,10 +417,11 @@ def method_step_child(method_name: str, steps: int = 6) -> dict:
             "host_syncs": syncs.total, "host_syncs_in_micl": syncs.in_micl(), "host_sync_sites": syncs.sites()}
 
 
-def bench_methods(threads: int) -> dict:
+def bench_methods(threads: int, media_tokens: int = 9) -> dict:
     rows = {}
     for name in ("finetune", "moincl"):
-        out = subprocess.run([sys.executable, __file__, "--method-step", name, "--threads", str(threads)],
+        out = subprocess.run([sys.executable, __file__, "--method-step", name, "--threads", str(threads),
+                              "--media-tokens", str(media_tokens)],
                              check=True, capture_output=True, text=True, cwd=REPO).stdout
         rows[name] = json.loads(out.strip().splitlines()[-1])
     rows["step_ratio"] = rows["moincl"]["step_s"] / rows["finetune"]["step_s"]
@@ -575,13 +576,15 @@ def main() -> None:
                         help="--memory: model.feature_dtype")
     parser.add_argument("--methods", action="store_true",
                         help="only MoInCL vs fine-tuning (step time, trained tokens/s, peak RSS; ~3 min)")
+    parser.add_argument("--media-tokens", type=int, default=9,
+                        help="--methods: image tokens per sample (micl-synth: 9; the paper's CLIP towers: 256)")
     parser.add_argument("--method-step", help=argparse.SUPPRESS)  # child process of bench_methods
     parser.add_argument("--eval-child", help=argparse.SUPPRESS)  # child process of bench_sharded_eval
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)  # child process of bench_memory
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.method_step:
-        print(json.dumps(method_step_child(args.method_step)))
+        print(json.dumps(method_step_child(args.method_step, media_tokens=args.media_tokens)))
         return
     if args.eval_child:
         result = eval_child(*map(int, args.eval_child.split(",")))
@@ -592,7 +595,8 @@ def main() -> None:
         print(json.dumps(memory_child(args.memory_child, args.feature_dtype)))
         return
     if args.methods:
-        results = {"threads": args.threads, "torch": torch.__version__, "methods": bench_methods(args.threads)}
+        results = {"threads": args.threads, "torch": torch.__version__, "media_tokens": args.media_tokens,
+                   "methods": bench_methods(args.threads, args.media_tokens)}
         Path(args.out).write_text(json.dumps(results, indent=2))
         m = results["methods"]
         print("| measure | value | target |\n|---|---|---|")
