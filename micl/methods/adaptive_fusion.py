@@ -33,6 +33,7 @@ from ..modeling.fusion import (FIXED_GATES, GATE_SPACE, POOLED, AdaptiveFusion, 
 from ..modeling.prompting import IGNORE_INDEX
 from ..utils.io import atomic_write_json
 from .base import ContinualMethod, StepContext, TokenSum, unwrap_model
+from .media_passes import projected_media
 from .registry import register
 
 AUDIO_VIDEO = "audio_video"
@@ -198,18 +199,10 @@ class AdaptiveFusionMethod(ContinualMethod):
         return len(dataset) if n is None else min(len(dataset), n)
 
     def _media_pass(self, model, dataset, task: str):
-        """Yields (representations [n, d], aux) of the dataset's first samples, 64 at a time, through the
-        projectors and the modulator as in a forward (a task's samples have equal media token counts)."""
-        count = self._count(dataset)
-        for start in range(0, count, 64):
-            items = [dataset.features[i] for i in range(start, min(start + 64, count))]
-            if not items or not items[0]:
-                return
-            features = {m: torch.stack([item[m] for item in items]).to(model.device) for m in items[0]}
-            rows = {m: torch.arange(len(items)) for m in features}
-            aux = {}
-            tokens = model.project_media(features, rows, [task] * len(items), aux)
-            yield row_representations(tokens, rows, len(items))[0], aux
+        """Yields (representations [n, d], aux) of the dataset's first samples through the projectors and the
+        modulator as in a forward."""
+        for tokens, rows, aux in projected_media(model, dataset, self._count(dataset), task):
+            yield row_representations(tokens, rows, len(next(iter(rows.values()))))[0], aux
 
     def _task_embeddings(self, model, dataset, task: str) -> dict:
         """The task's text embedding (mean input embedding of its targets' tokens: the reference's class-name

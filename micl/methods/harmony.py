@@ -49,6 +49,7 @@ from ..data.schema import STREAMS
 from ..errors import ConfigError, MiclError
 from .base import ContinualMethod, StepContext, TokenSum, batch_rng, draw_key, unwrap_model
 from .distill import kd_loss_sum, target_prediction_mask
+from .media_passes import projected_media
 from .registry import register
 from .teacher import PreviousModelTeacher
 
@@ -506,19 +507,13 @@ class Harmony(ContinualMethod):
         if not streams or not len(dataset):
             return None
         count = len(dataset) if self.args.prototype_samples is None else min(len(dataset), self.args.prototype_samples)
-        device = next(model.projectors.parameters()).device
         tokens: dict[str, list[torch.Tensor]] = {s: [] for s in streams}
         was_training = model.training
         model.eval()
         try:
-            for start in range(0, count, 32):
-                chunk = [dataset.features[i] for i in range(start, min(start + 32, count))]
-                for s in streams:
-                    items = [f[s] for f in chunk]
-                    # items of unequal lengths go one at a time
-                    batches = [torch.stack(items)] if len({t.shape for t in items}) == 1 else [t[None] for t in items]
-                    for features in batches:
-                        tokens[s].extend(model.project_media({s: features.to(device)})[s].float().cpu())
+            for projected, _, _ in projected_media(model, dataset, count, ctx.task.name, modalities=streams):
+                for s, values in projected.items():
+                    tokens[s].extend(values.float().cpu())
         finally:
             model.train(was_training)
         stacked = {}
