@@ -57,7 +57,7 @@ from ..utils.io import atomic_write_json
 from .base import ContinualMethod, StepContext, TokenSum, batch_rng, draw_key, step_rng, unwrap_model
 from .distill import target_kd_loss_sum
 from .registry import register
-from .replay import reservoir_sample, stratified_draw, training_items
+from .replay import as_buffers, remember_task, stratified_draw, training_items
 from .teacher import PreviousModelTeacher
 
 MEMORY_ITEMS = "moe_adapters.memory"
@@ -354,23 +354,14 @@ class MoeAdapters(ContinualMethod):
     def _update_memory(self, ctx: StepContext) -> None:
         if self.args.memory_size == 0:
             return
-        name = ctx.task.name
-        tasks = [t for t, _ in self.memory if t != name]
-        order = list(dict.fromkeys(tasks)) + [name]
-        share = max(self.args.memory_size // len(order), 1)
-        rng = step_rng("moe_adapters", ctx)
-        new = [(name, i) for i in reservoir_sample(len(ctx.train_dataset), share, rng)]
-        kept = []
-        for task in order[:-1]:
-            kept += [pair for pair in self.memory if pair[0] == task][:share]
-        self.memory = kept + new
+        buffers = as_buffers(self.memory)
+        share = max(self.args.memory_size // len({*buffers, ctx.task.name}), 1)  # equal shares of the total
+        buffers = remember_task(buffers, ctx.task.name, len(ctx.train_dataset), share, step_rng("moe_adapters", ctx))
+        self.memory = [(task, index) for task, indices in buffers.items() for index in indices]
 
     def draw_memory(self, ctx: StepContext, key: str) -> list[tuple[str, int]]:
         """`memory_batch_size` memory samples, floor(B / T) per past task and the rest to distinct random ones."""
-        buffers: dict[str, list[int]] = {}
-        for task, index in self.memory:
-            buffers.setdefault(task, []).append(index)
-        return stratified_draw(buffers, self.args.memory_batch_size, batch_rng("moe_adapters", ctx, key))
+        return stratified_draw(as_buffers(self.memory), self.args.memory_batch_size, batch_rng("moe_adapters", ctx, key))
 
     # ---- per batch -----------------------------------------------------------------------------------
     def augment_batch(self, batch: dict, ctx: StepContext) -> dict:

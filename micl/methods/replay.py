@@ -56,6 +56,22 @@ def reservoir_sample(n: int, k: int, rng: random.Random) -> list[int]:
     return reservoir
 
 
+def remember_task(buffers: dict[str, list[int]], task: str, size: int, share: int,
+                  rng: random.Random) -> dict[str, list[int]]:
+    """The memory after `task` (`size` training samples) is learned: a reservoir of `share` of its indices,
+    last (a task learned again moves to the end with a fresh one), and every earlier task cut to `share`."""
+    kept = {name: indices[:share] for name, indices in buffers.items() if name != task}
+    return {**kept, task: reservoir_sample(size, share, rng)}
+
+
+def as_buffers(pairs: list[tuple[str, int]]) -> dict[str, list[int]]:
+    """(task, index) pairs as {task: indices}, in the order of the pairs."""
+    buffers: dict[str, list[int]] = {}
+    for task, index in pairs:
+        buffers.setdefault(task, []).append(index)
+    return buffers
+
+
 def stratified_draw(buffers: dict[str, list[int]], batch_size: int, rng: random.Random) -> list[tuple[str, int]]:
     """(task, index) pairs: floor(B / T) per task, the B mod T extra slots to distinct random tasks."""
     tasks = [t for t, indices in buffers.items() if indices]
@@ -114,10 +130,8 @@ class Replay(ContinualMethod):
         self._calls = 0
 
     def on_task_end(self, ctx: StepContext) -> None:
-        rng = step_rng("replay", ctx)
-        name = ctx.task.name
-        self.buffers.pop(name, None)  # a task learned again moves to the end with a fresh buffer
-        self.buffers[name] = reservoir_sample(len(ctx.train_dataset), self.args.buffer_size, rng)
+        self.buffers = remember_task(self.buffers, ctx.task.name, len(ctx.train_dataset), self.args.buffer_size,
+                                     step_rng("replay", ctx))
 
     def draw(self, ctx: StepContext, key: str) -> list[tuple[str, int]]:
         return stratified_draw(self.buffers, self.args.replay_batch_size, batch_rng("replay", ctx, key))
