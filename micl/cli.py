@@ -93,7 +93,8 @@ def _compare(args) -> int:
                 label = f"{method} / {order} / seed {run_seed}"
                 run = ContinualRun(config, source=recipe)
                 record = None if args.records is None else Path(args.records) / run_dir.name
-                if record is not None and restore_record(record, run_dir, run.resolved_config()):
+                restored = record is not None and restore_record(record, run_dir, run.resolved_config())
+                if restored:
                     print(f"[micl compare] {label}: finished run restored from its record {record}", flush=True)
                 if args.skip_missing and not is_complete(run_dir):
                     print(f"[micl compare] {label}: no finished run in {run_dir}, left out", flush=True)
@@ -103,7 +104,7 @@ def _compare(args) -> int:
                 run.run()
                 del run
                 gc.collect()  # the next run's peak RSS starts from what this one leaves
-                if record is not None:
+                if record is not None and not restored:  # a restored one's record stays as it was
                     save_record(run_dir, record)
                 rows.append(run_summary(run_dir, method, order, run_seed))
     if not rows:

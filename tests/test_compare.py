@@ -217,12 +217,18 @@ def test_records_of_finished_runs_let_a_fresh_machine_reuse_them_and_refuse_othe
         raise AssertionError("a recorded run was trained again")
 
     monkeypatch.setattr(ContinualRun, "_run_step", no_training)
+    recorded = {p: p.read_bytes() for p in records.rglob("*") if p.is_file() and "-quick" in str(p.parent)}
+    elsewhere = tmp_path / "elsewhere"  # restored into another --out
+    argv = [*argv[:argv.index("--out") + 1], str(elsewhere), *argv[argv.index("--out") + 2:]]
     capsys.readouterr()
     assert main(argv) == 0
     assert capsys.readouterr().out.count("restored from its record") == 2
-    again = json.loads((out / "compare.json").read_text())
+    again = json.loads((elsewhere / "compare.json").read_text())
     assert [r["values"] for r in again["runs"]] == [r["values"] for r in first["runs"]]
+    # a restored run's record is left as it was (not rewritten with the folder it was restored into)
+    assert {p: p.read_bytes() for p in recorded} == recorded
 
+    out = elsewhere
     shutil.rmtree(out)
     changed = [*argv, "eval.max_new_tokens=7"]
     assert main(changed) == 2
