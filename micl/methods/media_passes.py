@@ -21,8 +21,8 @@ def projected_media(model, dataset, count: int, task: str, modalities=None,
         items = [item for item in items if item]
         if not items:
             continue
-        uniform = all(len({tuple(item[m].shape) for item in items}) == 1 and all(m in item for item in items)
-                      for m in items[0])
+        uniform = all(all(m in item for item in items) and len({tuple(item[m].shape) for item in items}) == 1
+                      for m in items[0])  # (presence first: an item without m must not be indexed by it)
         for group in [items] if uniform else [[item] for item in items]:
             features = {m: torch.stack([item[m] for item in group]).to(model.device) for m in group[0]}
             rows = {m: torch.arange(len(group)) for m in features}

@@ -1,9 +1,9 @@
 """The previous step's model as a frozen teacher, without a second copy of the LLM.
 
 The teacher is a second PEFT adapter ("teacher") on the same base model, holding a copy of the current
-adapter's weights at the start of a step, plus frozen copies of the projectors and of the media modulator. A teacher forward switches
-the active adapter and the projectors under no_grad and switches back; the reference implementation keeps
-a deep copy of the whole model instead (~2x memory).
+adapter's weights at the start of a step, plus frozen copies of the projectors and of the media modulator.
+A teacher forward switches the active adapter, the projectors and the modulator under no_grad and switches
+back; the reference implementation keeps a deep copy of the whole model instead (~2x memory).
 """
 
 from __future__ import annotations
