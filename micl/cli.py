@@ -104,7 +104,9 @@ def _compare(args) -> int:
                 run.run()
                 del run
                 gc.collect()  # the next run's peak RSS starts from what this one leaves
-                if record is not None and not restored:  # a restored one's record stays as it was
+                if record is not None and not is_complete(record):
+                    # a run with a complete record (restored now or earlier) leaves it as it was: saving it again
+                    # would only rewrite config.output_dir with this --out
                     save_record(run_dir, record)
                 rows.append(run_summary(run_dir, method, order, run_seed))
     if not rows:

@@ -227,6 +227,10 @@ def test_records_of_finished_runs_let_a_fresh_machine_reuse_them_and_refuse_othe
     assert [r["values"] for r in again["runs"]] == [r["values"] for r in first["runs"]]
     # a restored run's record is left as it was (not rewritten with the folder it was restored into)
     assert {p: p.read_bytes() for p in recorded} == recorded
+    # nor by a second command over the same --out, where the runs are now finished in their folders
+    assert main(argv) == 0
+    assert "restored from its record" not in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in recorded} == recorded
 
     out = elsewhere
     shutil.rmtree(out)
